@@ -1,0 +1,5 @@
+"""``python -m fedseg`` runs the CLI."""
+
+from fedseg.cli import app
+
+app()

@@ -1,0 +1,95 @@
+"""Flower ClientApp: a site's side of a study. Message in, task call, Message out.
+
+Only model parameters, aggregate metrics and the site's name and dataset fingerprint leave;
+per-case scores stay in the process.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from data_adapters.manifest import SiteManifest
+from data_adapters.validate import check_site
+from fedseg.config import RunConfig, SiteConfig, derive_seed
+from fedseg.task.data import training_batches
+from fedseg.task.model import build_model
+from fedseg.task.train import TrainSettings, train_local
+from fedseg.task.validate import validate_site
+
+app = ClientApp()
+
+
+def _open_site(context: Context) -> tuple[RunConfig, SiteManifest]:
+    run = RunConfig.from_flower(context.run_config)
+    site = SiteConfig.from_node_config(context.node_config, run)
+    if site.num_threads > 0:
+        torch.set_num_threads(site.num_threads)
+    return run, check_site(site.data_path)
+
+
+def _model_from(msg: Message, run: RunConfig) -> torch.nn.Module:
+    model = build_model(run.model_preset, seed=run.seed)
+    arrays = msg.content["arrays"]
+    assert isinstance(arrays, ArrayRecord)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model
+
+
+def _identity(manifest: SiteManifest) -> ConfigRecord:
+    return ConfigRecord({"site": manifest.site, "fingerprint": manifest.fingerprint})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this site's training cases."""
+    run, manifest = _open_site(context)
+    model = _model_from(msg, run)
+    config = msg.content["config"]
+    assert isinstance(config, ConfigRecord)
+    server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
+    mu = float(config.get("proximal-mu", 0.0))  # type: ignore[arg-type]
+    # Distinct, reproducible patch streams per site and round.
+    seed = derive_seed(run.seed, server_round, manifest.site)
+    batches = training_batches(
+        manifest, patch_size=run.patch_size, batch_size=run.batch_size, seed=seed
+    )
+    result = train_local(
+        model,
+        batches,
+        settings=TrainSettings(
+            steps=run.local_steps, learning_rate=run.learning_rate, proximal_mu=mu
+        ),
+    )
+    metrics = MetricRecord(
+        {
+            # FedAvg weights by cases, not batches (Algorithm 1 of Rieke et al.).
+            "num-examples": len(manifest.train_cases),
+            "train-loss": result.mean_loss,
+            "train-loss-final": result.final_loss,
+            "local-steps": result.steps,
+            "train-seconds": result.seconds,
+        }
+    )
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "site": _identity(manifest)}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Validate the received global model on this site's own validation cases."""
+    run, manifest = _open_site(context)
+    model = _model_from(msg, run)
+    result = validate_site(model, manifest, roi_size=run.patch_size)
+    values: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": result.n_cases,
+        "seconds": result.seconds,
+    }
+    for region in result.dice:
+        values[f"dice-{region}"] = result.dice[region]
+        values[f"hd95-{region}"] = result.hd95[region]
+    content = RecordDict({"metrics": MetricRecord(values), "site": _identity(manifest)})
+    return Message(content=content, reply_to=msg)

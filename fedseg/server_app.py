@@ -1,0 +1,69 @@
+"""Flower ServerApp: strategy from the run config, rounds, checkpoints, per-site metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedseg import __version__
+from fedseg.artifacts import save_weights, write_json
+from fedseg.config import RunConfig
+from fedseg.strategies import MetricsBook, build_strategy
+from fedseg.task.model import build_model
+
+app = ServerApp()
+
+
+class RoundWriter:
+    """Called by ``Strategy.start`` after every round: checkpoint the global model and
+    rewrite ``metrics.json``, so a crashed study still leaves everything up to its last round."""
+
+    def __init__(self, run_dir: Path, book: MetricsBook, run: RunConfig) -> None:
+        self.run_dir = run_dir
+        self.book = book
+        self.run = run
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        state = arrays.to_torch_state_dict()
+        save_weights(self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt", state)
+        write_json(self.run_dir / "metrics.json", self.payload())
+        return None
+
+    def payload(self) -> dict[str, object]:
+        return {
+            "fedseg_version": __version__,
+            "config": self.run.to_flower(),
+            **self.book.to_json(),
+        }
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the study the run config describes and leave its artefacts in ``run-dir``."""
+    run = RunConfig.from_flower(context.run_config)
+    run_dir = Path(run.run_dir) if run.run_dir else Path.cwd() / "runs" / f"run-{context.run_id}"
+    book = MetricsBook()
+    writer = RoundWriter(run_dir, book, run)
+    strategy = build_strategy(run, book=book)
+    model = build_model(run.model_preset, seed=run.seed)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=run.num_server_rounds,
+        evaluate_fn=writer,
+    )
+    digest = save_weights(run_dir / "model.pt", result.arrays.to_torch_state_dict())
+    write_json(
+        run_dir / "model.json",
+        {
+            "weights": "model.pt",
+            "sha256": digest,
+            "model_preset": run.model_preset,
+            "patch_size": run.patch_size,
+            "rounds": run.num_server_rounds,
+            "fedseg_version": __version__,
+        },
+    )
+    write_json(run_dir / "metrics.json", writer.payload())

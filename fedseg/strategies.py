@@ -1,0 +1,164 @@
+"""Strategy registry and per-site metric bookkeeping.
+
+Flower's aggregated ``Result`` keeps only anonymous averages; a study needs to know how each
+hospital did. The strategies here are Flower's own, with ``aggregate_train`` and
+``aggregate_evaluate`` first recording every reply under the site name it carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+
+from evaluation.regions import REGION_NAMES
+from fedseg.config import RunConfig
+
+
+@dataclass
+class RoundRecord:
+    """Everything the server learnt from the sites in one round."""
+
+    round: int
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def pooled(self) -> dict[str, dict[str, float]]:
+        """Case-weighted means over sites, i.e. the mean over all validation cases."""
+        total = sum(s["n_cases"] for s in self.sites.values())
+        if total == 0:
+            return {}
+        return {
+            metric: {
+                r: sum(s[metric][r] * s["n_cases"] for s in self.sites.values()) / total
+                for r in REGION_NAMES
+            }
+            for metric in ("dice", "hd95")
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``metrics.json`` form of one round (see README for the schema)."""
+        return {
+            "round": self.round,
+            "sites": self.sites,
+            "pooled": {"n_cases": sum(s["n_cases"] for s in self.sites.values()), **self.pooled()},
+            "train": self.train,
+            "failures": self.failures,
+        }
+
+
+@dataclass
+class MetricsBook:
+    """Per-round, per-site records, keyed by site name rather than Flower node id."""
+
+    rounds: dict[int, RoundRecord] = field(default_factory=dict)
+    node_sites: dict[int, str] = field(default_factory=dict)
+
+    def _round(self, server_round: int) -> RoundRecord:
+        return self.rounds.setdefault(server_round, RoundRecord(round=server_round))
+
+    def _site_of(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        if not msg.has_error() and "site" in msg.content:
+            identity = msg.content["site"]
+            assert isinstance(identity, ConfigRecord)
+            self.node_sites[node] = str(identity["site"])
+        return self.node_sites.get(node, f"node-{node}")
+
+    def _failure(self, record: RoundRecord, msg: Message, phase: str) -> None:
+        record.failures.append(
+            {"site": self._site_of(msg), "phase": phase, "reason": str(msg.error.reason)}
+        )
+
+    def record_train(self, server_round: int, replies: list[Message]) -> None:
+        """Note each site's training summary, or its failure."""
+        record = self._round(server_round)
+        for msg in replies:
+            if msg.has_error():
+                self._failure(record, msg, "train")
+                continue
+            metrics = msg.content["metrics"]
+            assert isinstance(metrics, MetricRecord)
+            record.train[self._site_of(msg)] = {
+                "n_cases": int(metrics["num-examples"]),  # type: ignore[arg-type]
+                "loss": float(metrics["train-loss"]),  # type: ignore[arg-type]
+                "steps": int(metrics["local-steps"]),  # type: ignore[arg-type]
+                "seconds": float(metrics["train-seconds"]),  # type: ignore[arg-type]
+            }
+
+    def record_evaluate(self, server_round: int, replies: list[Message]) -> None:
+        """Note each site's validation scores on its own held-out cases, or its failure."""
+        record = self._round(server_round)
+        for msg in replies:
+            if msg.has_error():
+                self._failure(record, msg, "evaluate")
+                continue
+            metrics = msg.content["metrics"]
+            identity = msg.content["site"]
+            assert isinstance(metrics, MetricRecord) and isinstance(identity, ConfigRecord)
+            record.sites[self._site_of(msg)] = {
+                "n_cases": int(metrics["num-examples"]),  # type: ignore[arg-type]
+                "dice": {r: float(metrics[f"dice-{r}"]) for r in REGION_NAMES},  # type: ignore[arg-type]
+                "hd95": {r: float(metrics[f"hd95-{r}"]) for r in REGION_NAMES},  # type: ignore[arg-type]
+                "fingerprint": str(identity["fingerprint"]),
+            }
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"rounds": [...], "final": <last round with validation results>}``."""
+        rounds = [self.rounds[r].to_json() for r in sorted(self.rounds)]
+        validated = [r for r in rounds if r["sites"]]
+        return {"rounds": rounds, "final": validated[-1] if validated else None}
+
+
+class _Recording:
+    """Mixin: record replies per site, then aggregate exactly as the Flower strategy does."""
+
+    book: MetricsBook
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.book.record_train(server_round, replies)
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc,no-any-return]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        self.book.record_evaluate(server_round, replies)
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc,no-any-return]
+
+
+class RecordingFedAvg(_Recording, FedAvg):
+    """FedAvg weighted by each site's number of training cases (Rieke et al., Alg. 1)."""
+
+
+class RecordingFedProx(_Recording, FedProx):
+    """FedProx: FedAvg plus ``proximal-mu`` sent to the sites, which add the proximal term."""
+
+
+def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
+    """The strategy a run config asks for, recording into ``book``."""
+    common: dict[str, Any] = {
+        "fraction_train": run.fraction_train,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": run.min_train_sites,
+        "min_evaluate_nodes": run.min_train_sites,
+        "min_available_nodes": run.min_train_sites,
+        "weighted_by_key": "num-examples",
+    }
+    strategy: _Recording
+    if run.strategy == "fedavg":
+        strategy = RecordingFedAvg(**common)
+    elif run.strategy == "fedprox":
+        strategy = RecordingFedProx(proximal_mu=run.proximal_mu, **common)
+    else:  # RunConfig validates the name; this guards against a registry drift.
+        raise ValueError(f"strategy '{run.strategy}' has no implementation")
+    strategy.book = book
+    assert isinstance(strategy, Strategy)
+    return strategy

@@ -1,0 +1,44 @@
+"""Sliding-window inference on a harmonised case."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from numpy.typing import NDArray
+
+from evaluation.regions import regions_to_labels
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    *,
+    roi_size: int,
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+) -> torch.Tensor:
+    """Region probabilities (3, X, Y, Z) for one image (4, X, Y, Z).
+
+    ``sw_batch_size`` >= 2 keeps CPU convolutions off PyTorch's slow batch-1 path.
+    """
+    model.eval()
+    logits = sliding_window_inference(
+        image[None],
+        roi_size=(roi_size,) * 3,
+        sw_batch_size=sw_batch_size,
+        predictor=model,
+        overlap=overlap,
+        mode="gaussian",
+    )
+    assert isinstance(logits, torch.Tensor)
+    return torch.sigmoid(logits[0])
+
+
+def predict_labels(
+    model: torch.nn.Module, image: torch.Tensor, *, roi_size: int, threshold: float = 0.5
+) -> NDArray[np.uint8]:
+    """A canonical label map (0 background, 1 NETC, 2 SNFH, 3 ET) for one image."""
+    probabilities = predict_probabilities(model, image, roi_size=roi_size)
+    return regions_to_labels((probabilities > threshold).cpu().numpy())

@@ -1,0 +1,61 @@
+"""Through the real CLI and a real Flower run: `fedseg demo` on a 2-site, 1-round federation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fedseg.simulation import FLOWER_ENV
+
+
+def _flower_processes() -> set[int]:
+    pids = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superlink" in text or "flwr-simulation" in text or "flower-superexec" in text:
+            pids.add(int(cmdline.parent.name))
+    return pids
+
+
+def test_demo_two_sites_one_round_produces_per_site_metrics(tmp_path: Path) -> None:
+    # Prepare
+    before = _flower_processes()
+    out = tmp_path / "demo"
+    env = {**os.environ, **FLOWER_ENV}
+    # Execute
+    command = ["demo", "--out", str(out), "--sites", "2", "--rounds", "1", "--quick"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedseg", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    # Assert
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"] if r["sites"]] == [1]
+    final = metrics["final"]
+    manifests = {
+        p.parent.name: json.loads(p.read_text()) for p in (out / "sites").glob("*/manifest.json")
+    }
+    assert set(final["sites"]) == set(manifests) and len(manifests) == 2
+    for site, record in final["sites"].items():
+        assert record["n_cases"] == len(manifests[site]["split"]["validation"])
+        assert record["fingerprint"] == manifests[site]["fingerprint"]
+        assert set(record["dice"]) == {"WT", "TC", "ET"}
+        assert all(0.0 <= v <= 1.0 for v in record["dice"].values())
+        # FedAvg's weight is the number of training cases, reported by each site.
+        assert final["train"][site]["n_cases"] == len(manifests[site]["split"]["train"])
+    assert set(final["pooled"]["dice"]) == {"WT", "TC", "ET"}
+    for name in ("model.pt", "report.md", "learning_curves.png"):
+        assert (out / name).is_file(), name
+    assert (out / "run" / "checkpoints" / "round-001.pt").is_file()
+    # Everything Flower started is gone.
+    assert _flower_processes() <= before

@@ -1,0 +1,137 @@
+"""Server-side aggregation: case-weighted FedAvg, FedProx's mu, per-site bookkeeping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedseg.config import RunConfig
+from fedseg.strategies import MetricsBook, RecordingFedAvg, RecordingFedProx, build_strategy
+
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Messages are stamped with the sending task's identity, which a ServerApp process has.
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def _instruction(node: int, kind: str = MessageType.TRAIN) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type=kind)
+
+
+def _train_reply(node: int, site: str, value: float, n_cases: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))}),
+            "metrics": MetricRecord(
+                {
+                    "num-examples": n_cases,
+                    "train-loss": 0.5,
+                    "local-steps": 10,
+                    "train-seconds": 1.0,
+                }
+            ),
+            "site": ConfigRecord({"site": site, "fingerprint": f"fp-{site}"}),
+        }
+    )
+    return Message(content, reply_to=_instruction(node))
+
+
+def _eval_reply(node: int, site: str, dice: float, n_cases: int) -> Message:
+    values: dict[str, float | int] = {"num-examples": n_cases, "seconds": 1.0}
+    for region in ("WT", "TC", "ET"):
+        values[f"dice-{region}"] = dice
+        values[f"hd95-{region}"] = 10 * dice
+    content = RecordDict(
+        {"metrics": MetricRecord(values), "site": ConfigRecord({"site": site, "fingerprint": "f"})}
+    )
+    return Message(content, reply_to=_instruction(node, MessageType.EVALUATE))
+
+
+def _strategy(name: str, mu: float = 0.0) -> RecordingFedAvg:
+    strategy = build_strategy(RunConfig(strategy=name, proximal_mu=mu), book=MetricsBook())
+    assert isinstance(strategy, RecordingFedAvg | RecordingFedProx)
+    return strategy
+
+
+def test_fedavg_weights_by_training_cases() -> None:
+    # Prepare: 1, 1 and 2 cases -> weights 1/4, 1/4, 1/2 (a batch count would differ)
+    replies = [
+        _train_reply(11, "a", 1.0, 1),
+        _train_reply(12, "b", 2.0, 1),
+        _train_reply(13, "c", 4.0, 2),
+    ]
+    # Execute
+    arrays, _ = _strategy("fedavg").aggregate_train(1, replies)
+    # Assert
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 2.75), rtol=1e-6)
+
+
+def test_fedprox_mu_zero_aggregates_exactly_like_fedavg() -> None:
+    replies = [_train_reply(1, "a", 0.3, 5), _train_reply(2, "b", -1.7, 3)]
+    avg, _ = _strategy("fedavg").aggregate_train(1, replies)
+    prox, _ = _strategy("fedprox", mu=0.0).aggregate_train(1, replies)
+    assert avg is not None and prox is not None
+    assert np.array_equal(avg["w"].numpy(), prox["w"].numpy())
+
+
+def test_fedprox_sends_mu_to_sites() -> None:
+    strategy = _strategy("fedprox", mu=0.01)
+
+    class _Grid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    from unittest.mock import patch
+
+    with patch("flwr.serverapp.strategy.fedavg.sample_nodes", return_value=([1, 2], [1, 2])):
+        messages = list(strategy.configure_train(3, ArrayRecord(), ConfigRecord(), _Grid()))  # type: ignore[arg-type]
+    assert len(messages) == 2
+    config = messages[0].content["config"]
+    assert isinstance(config, ConfigRecord)
+    assert config["proximal-mu"] == pytest.approx(0.01)
+    assert config["server-round"] == 3
+
+
+def test_book_records_sites_by_name_and_pools_by_cases() -> None:
+    strategy = _strategy("fedavg")
+    strategy.aggregate_train(
+        1, [_train_reply(7, "hospital-a", 1.0, 4), _train_reply(8, "hospital-b", 1.0, 2)]
+    )
+    strategy.aggregate_evaluate(
+        1, [_eval_reply(7, "hospital-a", 0.9, 3), _eval_reply(8, "hospital-b", 0.6, 1)]
+    )
+    payload = strategy.book.to_json()
+    final = payload["final"]
+    assert set(final["sites"]) == {"hospital-a", "hospital-b"}
+    assert final["sites"]["hospital-b"]["n_cases"] == 1
+    assert final["pooled"]["dice"]["WT"] == pytest.approx((0.9 * 3 + 0.6 * 1) / 4)
+    assert final["pooled"]["n_cases"] == 4
+    assert final["train"]["hospital-a"]["n_cases"] == 4
+
+
+def test_failed_site_is_recorded_by_name_not_averaged() -> None:
+    strategy = _strategy("fedavg")
+    strategy.aggregate_train(
+        1, [_train_reply(7, "hospital-a", 1.0, 4), _train_reply(8, "hospital-b", 1.0, 2)]
+    )
+    failed = Message(
+        Error(code=0, reason="bad scan"), reply_to=_instruction(8, MessageType.EVALUATE)
+    )
+    strategy.aggregate_evaluate(1, [_eval_reply(7, "hospital-a", 0.9, 3), failed])
+    record = strategy.book.to_json()["final"]
+    assert set(record["sites"]) == {"hospital-a"}
+    assert record["failures"] == [{"site": "hospital-b", "phase": "evaluate", "reason": "bad scan"}]
