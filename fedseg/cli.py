@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import re
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -16,16 +18,19 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from data_adapters.errors import DataError
+
 app = typer.Typer(
     help="Federated BraTS-style brain-tumour segmentation across hospitals (Flower + MONAI).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+# soft_wrap: never break a file path across lines; users copy them.
+console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": False}
 # Flower log lines worth showing while a study runs; everything goes to the log file.
-_FLOWER_PROGRESS = re.compile(r"\[ROUND|aggregate_|ERROR|Traceback|finished in|Error")
+_FLOWER_PROGRESS = re.compile(r"\[ROUND|fedseg round|failures|ERROR|Traceback|finished in|Error")
 
 
 @app.callback()
@@ -41,7 +46,7 @@ def friendly_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (OSError, ValueError, RuntimeError, KeyError) as err:
+        except (DataError, OSError, ValueError, RuntimeError, KeyError) as err:
             if _state["debug"]:
                 raise
             console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
@@ -67,6 +72,8 @@ def demo(
     from fedseg.demo import demo_plan, run_demo
 
     plan = demo_plan(sites=sites, rounds=rounds, quick=quick, seed=seed)
+    # SIGTERM (a scheduler, a timeout) must unwind like Ctrl-C so Flower gets stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     log_path = out / "flower" / "run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:

@@ -17,7 +17,7 @@ from data_adapters.site import harmonise_site
 from evaluation.report import load_metrics, markdown_report, plot_learning_curves
 from fedseg.artifacts import write_json
 from fedseg.config import RunConfig
-from fedseg.simulation import SimulationSpec, app_dir, run_simulation
+from fedseg.simulation import SimulationError, SimulationSpec, app_dir, run_simulation
 from fedseg.synth import generate_federation
 
 # The CPU demo grid: 3 mm keeps a head within one 48^3 patch region and a round in seconds.
@@ -39,8 +39,8 @@ def demo_plan(*, sites: int, rounds: int | None, quick: bool, seed: int) -> Demo
     base = (8, 6, 5) if quick else (12, 9, 7)
     cases = tuple(base[i % len(base)] for i in range(sites))
     run = RunConfig(
-        num_server_rounds=rounds if rounds is not None else (5 if quick else 12),
-        local_steps=25 if quick else 40,
+        num_server_rounds=rounds if rounds is not None else (6 if quick else 12),
+        local_steps=30 if quick else 40,
         min_train_sites=min(sites, 2),
         seed=seed,
     )
@@ -92,6 +92,10 @@ def run_demo(
         on_line=on_log,
     )
     timings["federated_s"] = time.perf_counter() - t1
+    if not (run_dir / "model.pt").is_file():
+        raise SimulationError(
+            f"{run_dir}: the federated run left no model; see {out / 'flower' / 'run.log'}"
+        )
     return finish_report(out, run_dir, timings=timings, skipped=skipped)
 
 

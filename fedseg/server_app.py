@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from logging import INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedseg import __version__
@@ -29,6 +31,10 @@ class RoundWriter:
         state = arrays.to_torch_state_dict()
         save_weights(self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt", state)
         write_json(self.run_dir / "metrics.json", self.payload())
+        record = self.book.rounds.get(server_round)
+        for site, scores in sorted(record.sites.items()) if record else []:
+            dice = " ".join(f"{r} {v:.3f}" for r, v in scores["dice"].items())
+            log(INFO, "fedseg round %d: %s Dice %s", server_round, site, dice)
         return None
 
     def payload(self) -> dict[str, object]:
@@ -54,6 +60,11 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=run.num_server_rounds,
         evaluate_fn=writer,
     )
+    if not any(r.train for r in book.rounds.values()):
+        write_json(run_dir / "metrics.json", writer.payload())
+        failures = [f for r in book.rounds.values() for f in r.failures]
+        reason = failures[0]["reason"] if failures else "no site replied"
+        raise RuntimeError(f"no site completed a training round (first failure: {reason})")
     digest = save_weights(run_dir / "model.pt", result.arrays.to_torch_state_dict())
     write_json(
         run_dir / "model.json",

@@ -9,23 +9,12 @@ import sys
 from pathlib import Path
 
 from fedseg.simulation import FLOWER_ENV
-
-
-def _flower_processes() -> set[int]:
-    pids = set()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "flower-superlink" in text or "flwr-simulation" in text or "flower-superexec" in text:
-            pids.add(int(cmdline.parent.name))
-    return pids
+from tests.processes import flower_processes
 
 
 def test_demo_two_sites_one_round_produces_per_site_metrics(tmp_path: Path) -> None:
     # Prepare
-    before = _flower_processes()
+    before = flower_processes()
     out = tmp_path / "demo"
     env = {**os.environ, **FLOWER_ENV}
     # Execute
@@ -58,4 +47,4 @@ def test_demo_two_sites_one_round_produces_per_site_metrics(tmp_path: Path) -> N
         assert (out / name).is_file(), name
     assert (out / "run" / "checkpoints" / "round-001.pt").is_file()
     # Everything Flower started is gone.
-    assert _flower_processes() <= before
+    assert flower_processes() <= before
