@@ -114,12 +114,13 @@ def synth(
     sites: Annotated[int, typer.Option(min=1)] = 3,
     cases: Annotated[int, typer.Option(min=2, help="Cases at the largest site.")] = 12,
     seed: Annotated[int, typer.Option()] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing site folders.")] = False,
 ) -> None:
     """Write a raw heterogeneous multi-site federation (no harmonisation)."""
     from fedseg.synth import generate_federation
 
     paths = generate_federation(
-        out, n_sites=sites, cases_per_site=cases, seed=seed, progress=_progress
+        out, n_sites=sites, cases_per_site=cases, seed=seed, progress=_progress, overwrite=overwrite
     )
     console.print(f"[green]done[/green]: {len(paths)} sites under {out}")
 

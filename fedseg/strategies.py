@@ -7,7 +7,7 @@ hospital did. The strategies here are Flower's own, with ``aggregate_train`` and
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,41 +69,39 @@ class MetricsBook:
             self.node_sites[node] = str(identity["site"])
         return self.node_sites.get(node, f"node-{node}")
 
-    def _failure(self, record: RoundRecord, msg: Message, phase: str) -> None:
-        record.failures.append(
-            {"site": self._site_of(msg), "phase": phase, "reason": str(msg.error.reason)}
-        )
+    def _successes(
+        self, record: RoundRecord, replies: list[Message], phase: str
+    ) -> Iterator[tuple[str, MetricRecord, ConfigRecord]]:
+        """Yield (site, metrics, identity) of good replies; note failures by site name."""
+        for msg in replies:
+            if msg.has_error():
+                record.failures.append(
+                    {"site": self._site_of(msg), "phase": phase, "reason": str(msg.error.reason)}
+                )
+                continue
+            metrics, identity = msg.content["metrics"], msg.content["site"]
+            assert isinstance(metrics, MetricRecord) and isinstance(identity, ConfigRecord)
+            yield self._site_of(msg), metrics, identity
 
     def record_train(self, server_round: int, replies: list[Message]) -> None:
         """Note each site's training summary, or its failure."""
         record = self._round(server_round)
-        for msg in replies:
-            if msg.has_error():
-                self._failure(record, msg, "train")
-                continue
-            metrics = msg.content["metrics"]
-            assert isinstance(metrics, MetricRecord)
-            record.train[self._site_of(msg)] = {
-                "n_cases": int(metrics["num-examples"]),  # type: ignore[arg-type]
-                "loss": float(metrics["train-loss"]),  # type: ignore[arg-type]
-                "steps": int(metrics["local-steps"]),  # type: ignore[arg-type]
-                "seconds": float(metrics["train-seconds"]),  # type: ignore[arg-type]
+        for site, m, _ in self._successes(record, replies, "train"):
+            record.train[site] = {
+                "n_cases": int(m["num-examples"]),  # type: ignore[arg-type]
+                "loss": float(m["train-loss"]),  # type: ignore[arg-type]
+                "steps": int(m["local-steps"]),  # type: ignore[arg-type]
+                "seconds": float(m["train-seconds"]),  # type: ignore[arg-type]
             }
 
     def record_evaluate(self, server_round: int, replies: list[Message]) -> None:
         """Note each site's validation scores on its own held-out cases, or its failure."""
         record = self._round(server_round)
-        for msg in replies:
-            if msg.has_error():
-                self._failure(record, msg, "evaluate")
-                continue
-            metrics = msg.content["metrics"]
-            identity = msg.content["site"]
-            assert isinstance(metrics, MetricRecord) and isinstance(identity, ConfigRecord)
-            record.sites[self._site_of(msg)] = {
-                "n_cases": int(metrics["num-examples"]),  # type: ignore[arg-type]
-                "dice": {r: float(metrics[f"dice-{r}"]) for r in REGION_NAMES},  # type: ignore[arg-type]
-                "hd95": {r: float(metrics[f"hd95-{r}"]) for r in REGION_NAMES},  # type: ignore[arg-type]
+        for site, m, identity in self._successes(record, replies, "evaluate"):
+            record.sites[site] = {
+                "n_cases": int(m["num-examples"]),  # type: ignore[arg-type]
+                "dice": {r: float(m[f"dice-{r}"]) for r in REGION_NAMES},  # type: ignore[arg-type]
+                "hd95": {r: float(m[f"hd95-{r}"]) for r in REGION_NAMES},  # type: ignore[arg-type]
                 "fingerprint": str(identity["fingerprint"]),
             }
 

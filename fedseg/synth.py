@@ -772,7 +772,9 @@ def generate_federation(
     site_dirs = [out / p.name for p in profiles]
     busy = [d for d in site_dirs if d.exists() and any(d.iterdir())]
     if busy and not overwrite:
-        raise FileExistsError(f"{busy[0]} already exists and is not empty (pass overwrite=True)")
+        raise FileExistsError(
+            f"{busy[0]}: already exists and is not empty (overwrite it or pick another folder)"
+        )
     for d in busy:
         shutil.rmtree(d)
     out.mkdir(parents=True, exist_ok=True)

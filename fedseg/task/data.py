@@ -61,7 +61,8 @@ def load_transforms() -> Compose:
     """Deterministic loading shared by training and validation."""
     return Compose(
         [
-            LoadImaged(keys=["image", "label"], image_only=False),
+            # Canonical data is NIfTI only; naming the reader also skips probing the others.
+            LoadImaged(keys=["image", "label"], reader="NibabelReader", image_only=False),
             EnsureChannelFirstd(keys=["image", "label"]),
             EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False),
         ]

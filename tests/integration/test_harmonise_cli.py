@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -55,9 +57,6 @@ def test_corrupt_file_is_named_and_only_its_case_is_skipped(
 def test_thick_slice_non_ras_brats2021_site_becomes_canonical(
     raw_sites: list[Path], tmp_path: Path
 ) -> None:
-    import nibabel as nib
-    import numpy as np
-
     site_c = raw_sites[2]  # BraTS 2021 naming, ET written as 4, thick slices
     result = CliRunner().invoke(
         app, ["harmonise", str(site_c), str(tmp_path / "c"), "--spacing", "3"]
@@ -69,3 +68,29 @@ def test_thick_slice_non_ras_brats2021_site_becomes_canonical(
         np.testing.assert_allclose(np.linalg.norm(seg.affine[:3, :3], axis=0), 3.0)
         assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 3}
         assert 3 in np.asarray(seg.dataobj)  # ET survived the 4 -> 3 map
+
+
+def _world_centroid(path: Path, values: tuple[int, ...]) -> np.ndarray:
+    image = nib.load(path)
+    ijk = np.argwhere(np.isin(np.asarray(image.dataobj), values))
+    return (image.affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].mean(axis=1)
+
+
+def test_non_ras_site_keeps_every_structure_in_place_in_world_space(
+    raw_sites: list[Path], tmp_path: Path
+) -> None:
+    # Prepare: hospital-b stores its arrays LPS.
+    site_b = raw_sites[1]
+    raw_segs = sorted(site_b.glob("*/*-seg.nii.gz"))
+    assert nib.aff2axcodes(nib.load(raw_segs[0]).affine) != ("R", "A", "S")
+    # Execute
+    result = CliRunner().invoke(
+        app, ["harmonise", str(site_b), str(tmp_path / "b"), "--spacing", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    # Assert: tumour and core centroids in world mm agree within a third of the 3 mm voxel.
+    for raw_seg in raw_segs:
+        canonical = tmp_path / "b" / "cases" / raw_seg.parent.name / "seg.nii.gz"
+        for values in ((1, 2, 3), (1, 3)):
+            moved = _world_centroid(canonical, values) - _world_centroid(raw_seg, values)
+            assert np.linalg.norm(moved) < 1.0, (raw_seg.name, values, moved)

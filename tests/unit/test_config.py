@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 
@@ -58,3 +59,15 @@ def test_derived_seeds_are_stable_and_distinct() -> None:
     assert derive_seed(0, 1, "hospital-a") == derive_seed(0, 1, "hospital-a")
     assert derive_seed(0, 1, "hospital-a") != derive_seed(0, 2, "hospital-a")
     assert 0 <= derive_seed("x") < 2**31
+
+
+@pytest.mark.parametrize("preset", sorted((PYPROJECT.parent / "configs").glob("*.toml")))
+def test_study_presets_are_valid_run_configs(preset: Path) -> None:
+    values = tomllib.loads(preset.read_text())
+    declared = set(RunConfig().to_flower())
+    assert set(values) <= declared, f"{preset.name}: undeclared keys {set(values) - declared}"
+    run = RunConfig.from_flower(values)
+    from fedseg.task.model import get_preset
+
+    # The U-Net needs patches divisible by its total downsampling.
+    assert run.patch_size % math.prod(get_preset(run.model_preset).strides) == 0
