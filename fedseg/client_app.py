@@ -6,11 +6,16 @@ per-case scores stay in the process.
 
 from __future__ import annotations
 
+from logging import ERROR
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
-from data_adapters.manifest import SiteManifest
+from data_adapters.errors import DataError
+from data_adapters.manifest import SiteManifest, load_manifest
 from data_adapters.validate import check_site
 from fedseg.config import RunConfig, SiteConfig, derive_seed
 from fedseg.task.data import training_batches
@@ -21,12 +26,40 @@ from fedseg.task.validate import validate_site
 app = ClientApp()
 
 
+class SiteDeclinedError(Exception):
+    """This site's data failed validation; it sits the round out."""
+
+    def __init__(self, site: str) -> None:
+        super().__init__(site)
+        self.site = site
+
+
 def _open_site(context: Context) -> tuple[RunConfig, SiteManifest]:
     run = RunConfig.from_flower(context.run_config)
     site = SiteConfig.from_node_config(context.node_config, run)
     if site.num_threads > 0:
         torch.set_num_threads(site.num_threads)
-    return run, check_site(site.data_path)
+    try:
+        return run, check_site(site.data_path)
+    except DataError as err:
+        # The detail (file paths, case ids) stays in the site's own log; the server only
+        # learns which site declined and why in general terms.
+        log(ERROR, "site data failed validation, declining: %s", err)
+        raise SiteDeclinedError(_site_name(site.data_path)) from err
+
+
+def _site_name(data_path: Path) -> str:
+    """The site's name from its manifest when that still reads, else its folder's name."""
+    try:
+        return load_manifest(data_path).site
+    except DataError:
+        return data_path.name
+
+
+def _decline(msg: Message, declined: SiteDeclinedError) -> Message:
+    reason = "site data failed validation; details are in the site's log"
+    identity = ConfigRecord({"site": declined.site, "declined": reason})
+    return Message(content=RecordDict({"site": identity}), reply_to=msg)
 
 
 def _model_from(msg: Message, run: RunConfig) -> torch.nn.Module:
@@ -44,7 +77,10 @@ def _identity(manifest: SiteManifest) -> ConfigRecord:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training cases."""
-    run, manifest = _open_site(context)
+    try:
+        run, manifest = _open_site(context)
+    except SiteDeclinedError as declined:
+        return _decline(msg, declined)
     model = _model_from(msg, run)
     config = msg.content["config"]
     assert isinstance(config, ConfigRecord)
@@ -81,7 +117,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Validate the received global model on this site's own validation cases."""
-    run, manifest = _open_site(context)
+    try:
+        run, manifest = _open_site(context)
+    except SiteDeclinedError as declined:
+        return _decline(msg, declined)
     model = _model_from(msg, run)
     result = validate_site(model, manifest, roi_size=run.patch_size)
     values: dict[str, int | float | list[int] | list[float]] = {

@@ -74,9 +74,10 @@ class MetricsBook:
     ) -> Iterator[tuple[str, MetricRecord, ConfigRecord]]:
         """Yield (site, metrics, identity) of good replies; note failures by site name."""
         for msg in replies:
-            if msg.has_error():
+            reason = str(msg.error.reason) if msg.has_error() else declined_reason(msg)
+            if reason is not None:
                 record.failures.append(
-                    {"site": self._site_of(msg), "phase": phase, "reason": str(msg.error.reason)}
+                    {"site": self._site_of(msg), "phase": phase, "reason": reason}
                 )
                 continue
             metrics, identity = msg.content["metrics"], msg.content["site"]
@@ -112,6 +113,16 @@ class MetricsBook:
         return {"rounds": rounds, "final": validated[-1] if validated else None}
 
 
+def declined_reason(msg: Message) -> str | None:
+    """Why a site declined this round (its data failed validation), or None."""
+    if msg.has_error() or "site" not in msg.content:
+        return None
+    identity = msg.content["site"]
+    assert isinstance(identity, ConfigRecord)
+    reason = identity.get("declined")
+    return None if reason is None else str(reason)
+
+
 class _Recording:
     """Mixin: record replies per site, then aggregate exactly as the Flower strategy does."""
 
@@ -122,14 +133,16 @@ class _Recording:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self.book.record_train(server_round, replies)
-        return super().aggregate_train(server_round, replies)  # type: ignore[misc,no-any-return]
+        accepted = [m for m in replies if declined_reason(m) is None]
+        return super().aggregate_train(server_round, accepted)  # type: ignore[misc,no-any-return]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         replies = list(replies)
         self.book.record_evaluate(server_round, replies)
-        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc,no-any-return]
+        accepted = [m for m in replies if declined_reason(m) is None]
+        return super().aggregate_evaluate(server_round, accepted)  # type: ignore[misc,no-any-return]
 
 
 class RecordingFedAvg(_Recording, FedAvg):

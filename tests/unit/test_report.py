@@ -24,7 +24,9 @@ def _metrics() -> dict[str, Any]:
             "dice": {"WT": 0.4 * r, "TC": 0.3 * r, "ET": 0.2 * r},
             "hd95": {"WT": 1.0, "TC": 1.0, "ET": 1.0},
         }
-        failures = [{"site": "hospital-c", "phase": "train", "reason": "bad scan"}] if r == 1 else []
+        failures = (
+            [{"site": "hospital-c", "phase": "train", "reason": "bad scan"}] if r == 1 else []
+        )
         rounds.append({"round": r, "sites": sites, "pooled": pooled, "failures": failures})
     return {"rounds": rounds, "final": rounds[-1], "config": {"strategy": "fedavg"}}
 

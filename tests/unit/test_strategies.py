@@ -135,3 +135,18 @@ def test_failed_site_is_recorded_by_name_not_averaged() -> None:
     record = strategy.book.to_json()["final"]
     assert set(record["sites"]) == {"hospital-a"}
     assert record["failures"] == [{"site": "hospital-b", "phase": "evaluate", "reason": "bad scan"}]
+
+
+def test_declined_site_is_named_and_left_out_of_the_average() -> None:
+    strategy = _strategy("fedavg")
+    reason = "site data failed validation; details are in the site's log"
+    declined = Message(
+        RecordDict({"site": ConfigRecord({"site": "hospital-c", "declined": reason})}),
+        reply_to=_instruction(9),
+    )
+    arrays, _ = strategy.aggregate_train(1, [_train_reply(7, "hospital-a", 3.0, 4), declined])
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 3.0))
+    record = strategy.book.rounds[1].to_json()
+    assert record["failures"] == [{"site": "hospital-c", "phase": "train", "reason": reason}]
+    assert set(record["train"]) == {"hospital-a"}
