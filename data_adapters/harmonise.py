@@ -33,7 +33,7 @@ from data_adapters.errors import DataError
 from data_adapters.geometry import Geometry, Vec3, axcodes, same_grid
 from data_adapters.labels import get_scheme, remap_labels
 from data_adapters.layouts import MODALITIES, RawCase
-from data_adapters.readers import read_image
+from data_adapters.readers import read_source
 
 #: Bump when a step changes what it writes: it is part of every fingerprint.
 HARMONISE_VERSION = 1
@@ -272,7 +272,7 @@ def harmonise_case(
             raw_case.root, f"target spacing must be 3 positive numbers, got {target_spacing}"
         )
     reference = MODALITIES[0]
-    raw = {name: read_image(raw_case.modalities[name]) for name in MODALITIES}
+    raw = {name: read_source(raw_case.modalities[name]) for name in MODALITIES}
     geometry = {name: Geometry.of(image) for name, image in raw.items()}
     steps: list[Step] = []
     seg = None
@@ -282,7 +282,7 @@ def harmonise_case(
     oriented = {name: _record(reorient_to_ras(img), steps, name) for name, img in raw.items()}
     if seg is not None:
         seg = _record(reorient_to_ras(seg), steps, "seg")
-    case_dir = raw_case.modalities[reference].parent
+    case_dir = raw_case.modalities[reference].path.parent
     mask = _record(foreground_mask([oriented[n] for n in MODALITIES], path=case_dir), steps)
     # The grid covers labelled voxels too, so no label is cropped away even where
     # the foreground mask misses it.
@@ -296,7 +296,9 @@ def harmonise_case(
     if seg is not None:
         seg = _record(resample_to_grid(seg, grid, interpolator="nearest"), steps, "seg")
     images = {
-        name: _record(zscore(img, mask_on_grid, path=raw_case.modalities[name]), steps, name)
+        name: _record(
+            zscore(img, mask_on_grid, path=raw_case.modalities[name].describe()), steps, name
+        )
         for name, img in resampled.items()
     }
     return HarmonisedCase(raw_case, images, seg, mask_on_grid, grid, geometry, _merge(steps))
@@ -304,14 +306,15 @@ def harmonise_case(
 
 def _read_segmentation(raw_case: RawCase, reference: sitk.Image, steps: list[Step]) -> sitk.Image:
     assert raw_case.seg is not None
-    seg = read_image(raw_case.seg)
+    seg = read_source(raw_case.seg)
+    where = raw_case.seg.describe()
     if not same_grid(seg, reference):
         raise DataError(
-            raw_case.seg,
+            where,
             f"segmentation grid {Geometry.of(seg).shape} differs from the {MODALITIES[0]} grid "
             f"{Geometry.of(reference).shape} (size, spacing, origin or direction)",
         )
-    return _record(remap_segmentation(seg, raw_case.label_scheme, path=raw_case.seg), steps, "seg")
+    return _record(remap_segmentation(seg, raw_case.label_scheme, path=where), steps, "seg")
 
 
 def _record(result: tuple[T, Step], steps: list[Step], image: str | None = None) -> T:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from data_adapters.errors import DataError, SkippedCase
+from data_adapters.sources import Source
 
 #: Canonical modality names, in the order every later step uses.
 MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
@@ -30,8 +31,8 @@ class RawCase:
     """
 
     case_id: str
-    modalities: dict[str, Path]
-    seg: Path | None
+    modalities: dict[str, Source]
+    seg: Source | None
     label_scheme: str
     root: Path
     layout: str = ""
@@ -41,8 +42,8 @@ class RawCase:
         """Whether the case has a segmentation."""
         return self.seg is not None
 
-    def sources(self) -> dict[str, Path]:
-        """All source files by role (modality names, then ``"seg"`` if any)."""
+    def sources(self) -> dict[str, Source]:
+        """All sources by role (modality names, then ``"seg"`` if any)."""
         files = {name: self.modalities[name] for name in MODALITIES}
         if self.seg is not None:
             files["seg"] = self.seg
@@ -119,7 +120,14 @@ class CaseFolderLayout:
                 expected = case_dir / f"{case_dir.name}{self.separator}{token}.nii.gz"
                 raise DataError(expected, f"missing {modality} image (expected .nii.gz or .nii)")
         seg = found.pop("seg", None)
-        return RawCase(case_dir.name, found, seg, self.label_scheme, raw_dir, self.name)
+        return RawCase(
+            case_id=case_dir.name,
+            modalities={m: Source(p) for m, p in found.items()},
+            seg=Source(seg) if seg is not None else None,
+            label_scheme=self.label_scheme,
+            root=raw_dir,
+            layout=self.name,
+        )
 
 
 def _case_dirs(raw_dir: Path) -> list[Path]:

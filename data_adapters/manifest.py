@@ -205,12 +205,6 @@ class SiteManifest:
         )
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    with path.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
-
-
 def compute_fingerprint(cases: Sequence[CaseRecord], parameters: dict[str, Any]) -> str:
     """sha256 over the sorted per-case source hashes and the parameters.
 

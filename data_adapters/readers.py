@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from data_adapters.errors import DataError
+from data_adapters.sources import Source
 
 Reader = Callable[[Path], sitk.Image]
 
@@ -67,6 +68,37 @@ def read_image(path: str | Path) -> sitk.Image:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(path, "expected one value per voxel, got a vector image")
     return image
+
+
+def read_source(source: Source) -> sitk.Image:
+    """Read the 3D image a layout pointed at: a file, one volume of a 4D file, a DICOM series."""
+    if source.series_uid is not None:
+        from data_adapters.dicom import read_series  # DICOM support loads only when needed
+
+        return read_series(source.path, series_uid=source.series_uid)
+    if source.channel is not None:
+        return read_volume(source.path, source.channel)
+    return read_image(source.path)
+
+
+def read_volume(path: Path, index: int) -> sitk.Image:
+    """One 3D volume of a 4D file (MSD keeps four modalities in one NIfTI)."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    reader = READERS.get(image_suffix(path))
+    if reader is None:
+        raise DataError(path, f"unsupported image format (supported: {', '.join(READERS)})")
+    image = reader(path)
+    if image.GetDimension() != 4:
+        raise DataError(
+            path, f"expected a 4D image with one volume per modality, got {image.GetDimension()}D"
+        )
+    size = list(image.GetSize())
+    if not 0 <= index < size[3]:
+        raise DataError(path, f"volume {index} requested but the file holds {size[3]}")
+    # Extract keeps the spatial part of the geometry (origin, spacing, 3x3 direction).
+    volume: sitk.Image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, index])
+    return volume
 
 
 def read_nifti(path: Path) -> sitk.Image:

@@ -44,9 +44,9 @@ from data_adapters.manifest import (
     Split,
     compute_fingerprint,
     fedseg_version,
-    sha256_file,
     write_manifest,
 )
+from data_adapters.sources import source_sha256
 from data_adapters.writers import write_nifti
 
 Progress = Callable[[str], None]
@@ -191,11 +191,11 @@ def _harmonise_one(
     """Harmonise one case into ``staging/cases/<id>``; return its record and QC rows."""
     sources = raw_case.sources()
     try:
-        hashes = {role: sha256_file(path) for role, path in sources.items()}
+        hashes = {role: source_sha256(source) for role, source in sources.items()}
         case = harmonise_case(raw_case, target_spacing=target_spacing)
     except (RuntimeError, OSError) as err:
         # SimpleITK reports odd images (e.g. non-orthonormal directions) as RuntimeError.
-        folder = raw_case.modalities[MODALITIES[0]].parent
+        folder = raw_case.modalities[MODALITIES[0]].path.parent
         raise DataError(folder, f"cannot process case: {err}") from err
     case_dir = staging / CASES_DIR / raw_case.case_id
     _write_case(case, case_dir)
@@ -204,8 +204,8 @@ def _harmonise_one(
         labelled=raw_case.labelled,
         source_label_scheme=raw_case.label_scheme,
         sources={
-            role: SourceFile(path.relative_to(raw_case.root).as_posix(), hashes[role])
-            for role, path in sources.items()
+            role: SourceFile(source.relative_to(raw_case.root), hashes[role])
+            for role, source in sources.items()
         },
         original_geometry=case.original_geometry,
         steps=case.steps,
@@ -213,9 +213,9 @@ def _harmonise_one(
     )
     rows = [
         _geometry_row(
-            raw_case.case_id, role, path.relative_to(raw_case.root), case.source_geometry[role]
+            raw_case.case_id, role, source.relative_to(raw_case.root), case.source_geometry[role]
         )
-        for role, path in sources.items()
+        for role, source in sources.items()
     ]
     return record, rows
 
@@ -278,11 +278,11 @@ _GEOMETRY_COLUMNS = [
 ]
 
 
-def _geometry_row(case_id: str, role: str, path: Path, g: Geometry) -> list[str]:
+def _geometry_row(case_id: str, role: str, source: str, g: Geometry) -> list[str]:
     return [
         case_id,
         role,
-        path.as_posix(),
+        source,
         "x".join(str(n) for n in g.shape),
         " ".join(f"{v:.6g}" for v in g.spacing),
         " ".join(f"{v:.6g}" for v in g.origin),

@@ -102,7 +102,7 @@ def test_detect_layout_for_both_namings(tmp_path: Path, layout: str) -> None:
     cases = {c.case_id: c for c in list_cases(raw, layout)}
     assert sorted(cases) == ["case00", "case01", "plain"]
     assert set(cases["case00"].modalities) == set(MODALITIES)
-    assert cases["plain"].seg is None and cases["plain"].modalities["t1n"].suffix == ".nii"
+    assert cases["plain"].seg is None and cases["plain"].modalities["t1n"].path.suffix == ".nii"
     assert cases["case00"].label_scheme == layout
 
 
