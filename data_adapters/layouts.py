@@ -155,7 +155,12 @@ LAYOUTS: dict[str, Layout] = {
 
 
 def get_layout(name: str) -> Layout:
-    """Look up a layout by name, raising :class:`DataError` for an unknown one."""
+    """Look up a layout by name (or build one from a ``.toml`` mapping file's path).
+
+    Raises :class:`DataError` for an unknown name or a missing or invalid mapping file.
+    """
+    if name.endswith(".toml"):
+        return mapping_layout(Path(name))
     try:
         return LAYOUTS[name]
     except KeyError:
@@ -198,3 +203,14 @@ def _require_dir(raw_dir: Path) -> None:
         raise DataError(
             raw_dir, "raw site folder not found" if not raw_dir.exists() else "not a folder"
         )
+
+
+# Layouts living in their own modules register here (imported last: they use the types above).
+from data_adapters.layouts_mapping import mapping_layout  # noqa: E402
+from data_adapters.layouts_more import MSD, NNUNET_RAW  # noqa: E402
+
+LAYOUTS[MSD.name] = MSD
+LAYOUTS[NNUNET_RAW.name] = NNUNET_RAW
+from data_adapters.layouts_dicom import DICOM_STUDY  # noqa: E402
+
+LAYOUTS[DICOM_STUDY.name] = DICOM_STUDY

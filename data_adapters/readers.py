@@ -1,32 +1,61 @@
-"""Read one image file with its world geometry intact (no resampling).
+"""Read one image with its world geometry intact (no resampling).
 
-Formats are looked up in :data:`READERS` by file suffix; adding a format
-(NRRD, MHA, a DICOM series folder) means adding a reader function and an
-entry.  For now only NIfTI (``.nii``, ``.nii.gz``) is registered.
+Formats are looked up in :data:`READERS` by file suffix: NIfTI (``.nii``, ``.nii.gz``), NRRD
+(``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``) and single DICOM files (``.dcm``).  A
+folder is a DICOM series (:func:`data_adapters.dicom.read_series`).
 
-SimpleITK silently returns partial voxels for a truncated ``.nii`` or
-``.nii.gz`` file, so the NIfTI reader first checks that the gzip stream is
-whole and that the file holds as many data bytes as its header promises.
+NIfTI geometry follows the standard's rule, not SimpleITK's own preferences: the sform when
+``sform_code > 0``, else the qform when ``qform_code > 0``, else voxel sizes alone ("method
+1", orientation unknown).  SimpleITK agrees for most files but prefers the qform when the
+sform's code is not "scanner" (e.g. an MNI sform beside a scanner qform), falls back to the
+qform when the sform is sheared, refuses a sheared sform without a qform, and flips x and y
+for method 1; where its geometry differs from the rule's, the rule's is set.  A sheared
+(non-orthonormal) direction cannot be held by an ITK image: it is orthonormalised by polar
+decomposition (origin and voxel sizes kept).  Each such decision is reported as a
+:class:`GeometryWarning` (Python ``warnings``) naming the file, and recorded on the image as
+metadata :data:`GEOMETRY_NOTE_KEY`; a sform and qform that are both set and disagree by more
+than 0.1 mm or 0.1 degree are reported the same way.
+
+SimpleITK silently returns partial voxels for a truncated ``.nii`` or ``.nii.gz`` file, so the
+NIfTI reader first checks that the gzip stream is whole and that the file holds as many data
+bytes as its header promises; the MetaImage reader checks its data size and data file the
+same way (ITK's own messages for those say "Reason: Success").
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 
 from data_adapters.errors import DataError
+from data_adapters.geometry import lps_geometry
 from data_adapters.sources import Source
 
 Reader = Callable[[Path], sitk.Image]
 
 _CHUNK = 1 << 20
+
+#: Image metadata key holding what the reader decided about an ambiguous or sheared geometry.
+GEOMETRY_NOTE_KEY = "fedseg_geometry_note"
+#: sform/qform disagreement reported above these (mm over the image's corners, degrees).
+XFORM_TOLERANCE_MM = 0.1
+XFORM_TOLERANCE_DEG = 0.1
+#: Largest deviation of D^T D from identity still taken as float rounding, not shear.
+SHEAR_TOLERANCE = 1e-4
+
+
+class GeometryWarning(UserWarning):
+    """A file's geometry was ambiguous or had to be adjusted; the message says how."""
 
 
 def image_suffix(path: Path) -> str:
@@ -44,15 +73,20 @@ def read_image(path: str | Path) -> sitk.Image:
     Parameters
     ----------
     path
-        Image file; its suffix selects the reader (see :data:`READERS`).
+        Image file, its suffix selecting the reader (see :data:`READERS`), or a folder
+        holding exactly one DICOM series.
 
     Raises
     ------
     DataError
         If the file is missing, empty, truncated, corrupt, not 3D or of an
-        unsupported format.
+        unsupported format (or, for a folder, not a readable DICOM series).
     """
     path = Path(path)
+    if path.is_dir():
+        from data_adapters.dicom import read_series  # DICOM support loads only when needed
+
+        return read_series(path)
     if not path.exists():
         raise DataError(path, "file not found")
     if not path.is_file():
@@ -60,8 +94,13 @@ def read_image(path: str | Path) -> sitk.Image:
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
     reader = READERS.get(image_suffix(path))
+    if reader is None and _has_dicom_marker(path):
+        reader = read_dicom_file  # DICOM files often have no suffix at all
     if reader is None:
-        raise DataError(path, f"unsupported image format (supported: {', '.join(READERS)})")
+        raise DataError(
+            path,
+            f"unsupported image format (supported: {', '.join(READERS)}, a DICOM series folder)",
+        )
     image = reader(path)
     if image.GetDimension() != 3:
         raise DataError(path, f"expected a 3D image, got {image.GetDimension()}D")
@@ -102,12 +141,126 @@ def read_volume(path: Path, index: int) -> sitk.Image:
 
 
 def read_nifti(path: Path) -> sitk.Image:
-    """Read a ``.nii`` / ``.nii.gz`` file with SimpleITK after an integrity check."""
+    """Read a ``.nii`` / ``.nii.gz`` file after an integrity check, geometry by the NIfTI rule."""
     check_nifti_complete(path)
+    header = cast(nib.Nifti1Image, nib.load(path)).header  # header only: voxels are not read
+    affine, notes = nifti_affine(header)
     try:
-        return sitk.ReadImage(str(path), imageIO="NiftiImageIO")
+        image = sitk.ReadImage(str(path), imageIO="NiftiImageIO")
     except RuntimeError as err:
-        raise DataError(path, f"cannot be read as NIfTI: {_itk_message(err)}") from err
+        # ITK refuses a sheared sform without a qform (and some NIfTI-2 files); nibabel reads them.
+        image = _nifti_with_nibabel(path, err)
+    _set_spatial_geometry(image, affine)
+    if notes:
+        image.SetMetaData(GEOMETRY_NOTE_KEY, "; ".join(notes))
+        for note in notes:
+            warnings.warn(f"{path}: {note}", GeometryWarning, stacklevel=2)
+    return image
+
+
+def nifti_affine(header: nib.Nifti1Header) -> tuple[npt.NDArray[np.float64], list[str]]:
+    """The voxel-to-RAS affine the NIfTI rule gives, orthonormalised, with notes on choices.
+
+    Returns
+    -------
+    affine, notes
+        4x4 affine whose 3x3 part has orthogonal columns; notes say where the header was
+        ambiguous (sform/qform disagreement, no transform) or adjusted (shear removed).
+    """
+    shape = header.get_data_shape()[:3]
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    notes: list[str] = []
+    if sform_code > 0:
+        affine = np.asarray(header.get_sform(), dtype=np.float64)
+        if qform_code > 0:
+            mm, degrees = xform_disagreement(affine, header.get_qform(), shape)
+            if mm > XFORM_TOLERANCE_MM or degrees > XFORM_TOLERANCE_DEG:
+                notes.append(
+                    f"sform and qform disagree by up to {mm:.2f} mm / {degrees:.2f} degrees;"
+                    f" using the sform (code {sform_code}), as the NIfTI rule says"
+                )
+    elif qform_code > 0:
+        affine = np.asarray(header.get_qform(), dtype=np.float64)
+    else:
+        affine = np.diag([*(float(v) for v in header.get_zooms()[:3]), 1.0])
+        notes.append("no sform or qform (both codes 0): orientation unknown, voxel sizes only")
+    affine, shift = orthonormalised(affine, shape)
+    if shift is not None:
+        notes.append(
+            "non-orthonormal (sheared) direction matrix orthonormalised by polar decomposition;"
+            f" voxels move by up to {shift:.2f} mm"
+        )
+    return affine, notes
+
+
+def xform_disagreement(
+    a: npt.ArrayLike, b: npt.ArrayLike, shape: tuple[int, ...]
+) -> tuple[float, float]:
+    """How far two affines place the image's corner voxels apart (mm) and their rotation (deg)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    corners = _corners(shape)
+    mm = float(np.linalg.norm((a - b)[:3] @ corners, axis=0).max())
+    da = a[:3, :3] / np.linalg.norm(a[:3, :3], axis=0)
+    db = b[:3, :3] / np.linalg.norm(b[:3, :3], axis=0)
+    cosine = (np.trace(da.T @ db) - 1.0) / 2.0
+    return mm, float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+
+
+def orthonormalised(
+    affine: npt.NDArray[np.float64], shape: tuple[int, ...]
+) -> tuple[npt.NDArray[np.float64], float | None]:
+    """Replace a sheared 3x3 direction by its nearest rotation (polar decomposition).
+
+    Returns the affine (voxel sizes = the column lengths, origin kept) and how far the image's
+    corners moved in mm, or None when the direction was already orthonormal.
+    """
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = affine[:3, :3] / spacing
+    if np.abs(direction.T @ direction - np.eye(3)).max() <= SHEAR_TOLERANCE:
+        return affine, None
+    u, _, vt = np.linalg.svd(direction)
+    fixed = affine.copy()
+    fixed[:3, :3] = (u @ vt) * spacing
+    shift = float(np.linalg.norm((fixed - affine)[:3] @ _corners(shape), axis=0).max())
+    return fixed, shift
+
+
+def _corners(shape: tuple[int, ...]) -> npt.NDArray[np.float64]:
+    """Homogeneous voxel coordinates (4 x 8) of the corners of a 3D grid."""
+    extent = [max(int(n) - 1, 0) for n in (*shape, 1, 1, 1)[:3]]
+    grid = np.array(np.meshgrid(*[[0, e] for e in extent], indexing="ij")).reshape(3, -1)
+    return np.vstack([grid, np.ones(grid.shape[1])])
+
+
+def _set_spatial_geometry(image: sitk.Image, affine: npt.NDArray[np.float64]) -> None:
+    """Give ``image`` (3D or 4D) the spatial geometry of a RAS affine, if it differs."""
+    origin, spacing, direction = lps_geometry(affine)
+    n = image.GetDimension()
+    current = np.asarray(image.GetDirection()).reshape(n, n)[:3, :3].ravel()
+    if (
+        np.allclose(image.GetOrigin()[:3], origin, atol=1e-4)
+        and np.allclose(image.GetSpacing()[:3], spacing, atol=1e-6)
+        and np.allclose(current, direction, atol=1e-6)
+    ):
+        return  # SimpleITK already applied the rule
+    full = np.eye(n)
+    full[:3, :3] = np.reshape(direction, (3, 3))
+    image.SetOrigin((*origin, *image.GetOrigin()[3:]))
+    image.SetSpacing((*spacing, *image.GetSpacing()[3:]))
+    image.SetDirection(tuple(float(v) for v in full.ravel()))
+
+
+def _nifti_with_nibabel(path: Path, cause: RuntimeError) -> sitk.Image:
+    """Voxels through nibabel when ITK refuses the file; the geometry is set by the caller."""
+    try:
+        data = np.asanyarray(cast(nib.Nifti1Image, nib.load(path)).dataobj)
+    except Exception as err:  # nibabel raises several types for malformed files
+        raise DataError(path, f"cannot be read as NIfTI: {_itk_message(cause)}") from err
+    if data.ndim not in (3, 4):
+        raise DataError(path, f"cannot be read as NIfTI: {_itk_message(cause)}")
+    # nibabel indexes (i, j, k[, t]); SimpleITK arrays are the reverse, in native byte order.
+    native = data.astype(data.dtype.newbyteorder("="), copy=False).transpose()
+    return sitk.GetImageFromArray(np.ascontiguousarray(native), isVector=False)
 
 
 def check_nifti_complete(path: Path) -> None:
@@ -152,6 +305,85 @@ def _nifti_header(path: Path, head: bytes) -> nib.Nifti1Header:
     return header
 
 
+def read_nrrd(path: Path) -> sitk.Image:
+    """Read a ``.nrrd`` file or a ``.nhdr`` header with its data file (SimpleITK's NRRD IO)."""
+    return _read_itk(path, "NrrdImageIO", "NRRD")
+
+
+def read_metaimage(path: Path) -> sitk.Image:
+    """Read a ``.mha`` file or a ``.mhd`` header with its data file (SimpleITK's MetaImage IO)."""
+    check_metaimage_complete(path)
+    return _read_itk(path, "MetaImageIO", "MetaImage")
+
+
+def read_dicom_file(path: Path) -> sitk.Image:
+    """Read one DICOM file as a series of its own (an enhanced multi-frame file)."""
+    from data_adapters.dicom import read_series  # DICOM support loads only when needed
+
+    return read_series(path)
+
+
+def _read_itk(path: Path, image_io: str, what: str) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(path), imageIO=image_io)
+    except RuntimeError as err:
+        raise DataError(path, f"cannot be read as {what}: {_itk_message(err)}") from err
+
+
+#: Bytes per element of MetaImage element types.
+_MET_SIZES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}  # fmt: skip
+
+
+def check_metaimage_complete(path: Path) -> None:
+    """Raise :class:`DataError` unless a MetaImage header is whole and its data all there.
+
+    Compressed data and file lists are left to ITK; uncompressed data must hold as many
+    bytes as ``DimSize`` x ``ElementType`` x ``ElementNumberOfChannels`` promise.
+    """
+    fields: dict[str, str] = {}
+    header_bytes = 0
+    with path.open("rb") as stream:
+        for raw in stream:
+            header_bytes += len(raw)
+            key, _, value = raw.decode("latin-1").partition("=")
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile" or header_bytes > 65536:
+                break
+    if "ElementDataFile" not in fields or "DimSize" not in fields:
+        raise DataError(path, "not a MetaImage header (no DimSize / ElementDataFile)")
+    data_file = fields["ElementDataFile"]
+    if data_file == "LOCAL":
+        data_path, available = path, path.stat().st_size - header_bytes
+    elif data_file.upper().startswith("LIST") or "%" in data_file:
+        return
+    else:
+        data_path = path.parent / data_file
+        if not data_path.is_file():
+            raise DataError(path, f"data file {data_file} named by ElementDataFile is missing")
+        available = data_path.stat().st_size
+    size = _MET_SIZES.get(fields.get("ElementType", ""))
+    if size is None or fields.get("CompressedData", "False").lower() == "true":
+        return
+    try:
+        count = int(np.prod([int(v) for v in fields["DimSize"].split()]))
+        count *= int(fields.get("ElementNumberOfChannels", "1"))
+    except ValueError as err:
+        raise DataError(path, f"invalid DimSize {fields['DimSize']!r}") from err
+    if available < count * size:
+        raise DataError(
+            data_path, f"truncated: {available} data bytes, the header promises {count * size}"
+        )
+
+
+def _has_dicom_marker(path: Path) -> bool:
+    with path.open("rb") as stream:
+        return stream.read(132)[128:] == b"DICM"
+
+
 def _itk_message(err: RuntimeError) -> str:
     """Keep the informative last line of an ITK exception message."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -162,4 +394,9 @@ def _itk_message(err: RuntimeError) -> str:
 READERS: dict[str, Reader] = {
     ".nii.gz": read_nifti,
     ".nii": read_nifti,
+    ".nrrd": read_nrrd,
+    ".nhdr": read_nrrd,
+    ".mha": read_metaimage,
+    ".mhd": read_metaimage,
+    ".dcm": read_dicom_file,
 }

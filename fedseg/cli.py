@@ -63,7 +63,9 @@ def _progress(message: str) -> None:
 @friendly_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder for the whole demo.")] = Path("demo-run"),
-    sites: Annotated[int, typer.Option(min=2, help="Number of simulated hospitals.")] = 3,
+    sites: Annotated[
+        int | None, typer.Option(min=2, help="Simulated hospitals [default: 5, or 3 with --quick].")
+    ] = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="Federated rounds.")] = None,
     quick: Annotated[bool, typer.Option(help="Smaller, faster demo.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the generated federation.")] = 0,
@@ -111,7 +113,7 @@ def _print_final(metrics: dict[str, Any]) -> None:
 @friendly_errors
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder for the raw federation.")],
-    sites: Annotated[int, typer.Option(min=1)] = 3,
+    sites: Annotated[int, typer.Option(min=1, help="Sites (the first five use five layouts).")] = 5,
     cases: Annotated[int, typer.Option(min=2, help="Cases at the largest site.")] = 12,
     seed: Annotated[int, typer.Option()] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace existing site folders.")] = False,
@@ -123,6 +125,35 @@ def synth(
         out, n_sites=sites, cases_per_site=cases, seed=seed, progress=_progress, overwrite=overwrite
     )
     console.print(f"[green]done[/green]: {len(paths)} sites under {out}")
+
+
+@app.command()
+@friendly_errors
+def convert(
+    input_path: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="DICOM series folder, NIfTI, NRRD or MHA.")
+    ],
+    output: Annotated[Path, typer.Argument(help="Output .nii.gz file.")],
+    series: Annotated[
+        str | None, typer.Option(help="SeriesInstanceUID, when the folder holds several.")
+    ] = None,
+) -> None:
+    """Convert one image to NIfTI with the same world geometry (no resampling)."""
+    import warnings
+
+    from data_adapters.convert import convert_image
+
+    with warnings.catch_warnings(record=True):  # the notes below say the same, once
+        warnings.simplefilter("always")
+        result = convert_image(input_path, output, series_uid=series)
+    for note in result.notes:
+        console.print(f"[yellow]warning[/yellow]: {input_path}: {note}", highlight=False)
+    g = result.geometry
+    console.print(
+        f"[green]done[/green]: {output} ({'x'.join(map(str, g.shape))} voxels, "
+        f"spacing {' x '.join(f'{v:.4g}' for v in g.spacing)} mm, {g.axcodes}, {result.dtype})",
+        highlight=False,
+    )
 
 
 @app.command()

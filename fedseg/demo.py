@@ -34,12 +34,17 @@ class DemoPlan:
     seed: int = 0
 
 
-def demo_plan(*, sites: int, rounds: int | None, quick: bool, seed: int) -> DemoPlan:
-    """The default demo, or a smaller, faster ``--quick`` one."""
-    base = (8, 6, 5) if quick else (12, 9, 7)
+def demo_plan(*, sites: int | None, rounds: int | None, quick: bool, seed: int) -> DemoPlan:
+    """The default demo, or a smaller, faster ``--quick`` one.
+
+    The default has five sites so that every raw layout the adapters read is exercised
+    (BraTS 2023, a DICOM study, BraTS 2021, MSD 4D, nnU-Net raw); ``--quick`` keeps three.
+    """
+    sites = sites if sites is not None else (3 if quick else 5)
+    base = (8, 6, 5) if quick else (12, 9, 7, 8, 6)
     cases = tuple(base[i % len(base)] for i in range(sites))
     run = RunConfig(
-        num_server_rounds=rounds if rounds is not None else (6 if quick else 12),
+        num_server_rounds=rounds if rounds is not None else (6 if quick else 10),
         local_steps=30 if quick else 40,
         min_train_sites=min(sites, 2),
         seed=seed,

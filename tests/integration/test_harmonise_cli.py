@@ -79,9 +79,9 @@ def _world_centroid(path: Path, values: tuple[int, ...]) -> np.ndarray:
 def test_non_ras_site_keeps_every_structure_in_place_in_world_space(
     raw_sites: list[Path], tmp_path: Path
 ) -> None:
-    # Prepare: hospital-b stores its arrays LPS.
+    # Prepare: hospital-b is a DICOM study site stored LPS (its label map is NIfTI).
     site_b = raw_sites[1]
-    raw_segs = sorted(site_b.glob("*/*-seg.nii.gz"))
+    raw_segs = sorted(site_b.glob("*/seg.nii.gz"))
     assert nib.aff2axcodes(nib.load(raw_segs[0]).affine) != ("R", "A", "S")
     # Execute
     result = CliRunner().invoke(
