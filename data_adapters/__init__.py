@@ -6,7 +6,8 @@ Every refusal raises :class:`DataError` (``str()`` is ``"<path>: <reason>"``).
 """
 
 from data_adapters.errors import DataError, SkippedCase
-from data_adapters.harmonise import HarmonisedCase, Step, harmonise_case
+from data_adapters.grid import Step
+from data_adapters.harmonise import HarmonisedCase, harmonise_case
 from data_adapters.labels import remap_labels
 from data_adapters.layouts import MODALITIES, RawCase, detect_layout, list_cases, scan_cases
 from data_adapters.manifest import SiteManifest, load_manifest, write_manifest

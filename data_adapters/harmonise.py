@@ -7,21 +7,22 @@ parameters, so the manifest can say exactly what was done to every case.
 1. read every modality (and the segmentation) with its world geometry;
 2. remap labels onto the canonical scheme (values only, before any resampling);
 3. reorient to RAS (a permutation / flip of voxels: no voxel moves in the world);
-4. foreground mask: Otsu on the mean of the modalities, largest component, holes filled;
-5. target grid: RAS axes at the target spacing over the world bounding box of
-   the mask and any labelled voxel, plus a margin;
-6. resample onto it through world coordinates (linear images, nearest labels);
-7. z-score each modality inside the mask, 0 outside.
-
-Co-registration is not done: modalities are assumed aligned in world space
-(as BraTS data are); ones on different grids are resampled through world
-coordinates like everything else.
+4. co-register: every other modality rigidly onto t1n when asked, or on its own
+   when its world box barely overlaps t1n's (see :mod:`data_adapters.register`);
+   otherwise modalities are taken as aligned in world space (as BraTS data are);
+5. foreground mask: Otsu on the mean of the modalities, largest component, holes filled;
+6. crop: RAS axes at the target spacing over the world bounding box of the mask
+   and any labelled voxel, plus a margin;
+7. pad the grid (whole voxels, so no voxel centre moves) up to a minimum size;
+8. resample onto it, each registration transform composed into the one
+   interpolation (linear images, nearest labels);
+9. z-score each modality inside the mask, 0 outside.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,64 +31,69 @@ import numpy as np
 import SimpleITK as sitk
 
 from data_adapters.errors import DataError
-from data_adapters.geometry import Geometry, Vec3, axcodes, same_grid
-from data_adapters.labels import get_scheme, remap_labels
+from data_adapters.geometry import Geometry, axcodes, same_grid
+from data_adapters.grid import (
+    DEFAULT_MARGIN_MM,
+    Grid,
+    Step,
+    pad_grid,
+    resample_to_grid,
+    target_grid,
+    triple,
+)
+from data_adapters.labels import remap_labels, remap_record
 from data_adapters.layouts import MODALITIES, RawCase
-from data_adapters.readers import read_source
+from data_adapters.readers import read_source, read_sources
+from data_adapters.register import align_to_reference
 
 #: Bump when a step changes what it writes: it is part of every fingerprint.
-HARMONISE_VERSION = 1
-DEFAULT_MARGIN_MM = 5.0
+HARMONISE_VERSION = 2
+#: Below this world-box overlap with t1n a modality is registered even when not asked.
+DEFAULT_MIN_OVERLAP = 0.5
 #: Each modality is divided by this percentile before averaging for the mask,
 #: so one scanner's intensity units do not drown the others.
 MASK_SCALE_PERCENTILE = 99.0
-#: SimpleITK (LPS) direction of a RAS+ grid: i to the Right, j Anterior, k Superior.
-RAS_DIRECTION: tuple[float, ...] = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 
 T = TypeVar("T")
 
-_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
-
 
 @dataclass(frozen=True)
-class Step:
-    """One applied step: its name and the parameters it ran with."""
+class CaseOptions:
+    """Options of :func:`harmonise_case` beyond the target spacing (see there)."""
 
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
+    margin_mm: float = DEFAULT_MARGIN_MM
+    register: bool = False
+    min_overlap: float = DEFAULT_MIN_OVERLAP
+    min_size: int | Sequence[int] = 0
+    min_shape_mm: float | Sequence[float] = 0.0
+    registration_seed: int = 0
 
-    def to_json(self) -> dict[str, Any]:
-        """Return a JSON-ready dict."""
-        return {"name": self.name, "params": self.params}
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A voxel grid in SimpleITK terms (LPS origin and row-major direction)."""
-
-    size: tuple[int, int, int]
-    spacing: Vec3
-    origin: Vec3
-    direction: tuple[float, ...] = RAS_DIRECTION
-
-    def to_json(self) -> dict[str, Any]:
-        """Return a JSON-ready dict."""
-        return {
-            "size": list(self.size),
-            "spacing": list(self.spacing),
-            "origin": list(self.origin),
-            "direction": list(self.direction),
-        }
+    def check(self) -> None:
+        """Raise ValueError for options that cannot work."""
+        sizes, lengths = triple(self.min_size), triple(self.min_shape_mm)
+        if any(v < 0 or not math.isfinite(v) for v in (*sizes, *lengths, self.margin_mm)):
+            raise ValueError("margin, min_size and min_shape_mm must be finite and >= 0")
+        if not 0.0 <= self.min_overlap <= 1.0 or self.registration_seed < 0:
+            raise ValueError("min_overlap must be in [0, 1] and registration_seed >= 0")
 
 
 def harmonisation_parameters(
-    *, target_spacing: Sequence[float], margin_mm: float = DEFAULT_MARGIN_MM
+    *,
+    target_spacing: Sequence[float],
+    margin_mm: float = DEFAULT_MARGIN_MM,
+    options: CaseOptions | None = None,
 ) -> dict[str, Any]:
     """Everything that decides what :func:`harmonise_case` writes, for the manifest."""
+    options = options or CaseOptions(margin_mm=margin_mm)
     return {
         "harmonise_version": HARMONISE_VERSION,
         "target_spacing_mm": [float(s) for s in target_spacing],
-        "margin_mm": float(margin_mm),
+        "margin_mm": float(options.margin_mm),
+        "register": options.register,
+        "min_overlap": float(options.min_overlap),
+        "registration_seed": options.registration_seed,
+        "min_size": [int(v) for v in triple(options.min_size)],
+        "min_shape_mm": [float(v) for v in triple(options.min_shape_mm)],
         "orientation": "RAS",
         "mask": f"otsu(mean of modalities / p{MASK_SCALE_PERCENTILE:g}) + largest cc + fill holes",
         "image_interpolator": "linear",
@@ -101,11 +107,12 @@ def remap_segmentation(
     seg: sitk.Image, scheme: str, *, path: str | Path = "<image>"
 ) -> tuple[sitk.Image, Step]:
     """Map a segmentation's values onto canonical labels (uint8), same grid."""
-    mapped = remap_labels(sitk.GetArrayViewFromImage(seg), scheme, path=path)
+    source = sitk.GetArrayViewFromImage(seg)
+    mapped = remap_labels(source, scheme, path=path)
     out = sitk.GetImageFromArray(mapped)
     out.CopyInformation(seg)
-    table = {str(k): v for k, v in get_scheme(scheme).to_canonical.items()}
-    return out, Step("remap_labels", {"scheme": scheme, "map": table})
+    # The record lists labels dropped on purpose (BraTS 2024's resection cavity) with counts.
+    return out, Step("remap_labels", remap_record(source, scheme))
 
 
 def reorient_to_ras(image: sitk.Image) -> tuple[sitk.Image, Step]:
@@ -119,22 +126,44 @@ def reorient_to_ras(image: sitk.Image) -> tuple[sitk.Image, Step]:
     return out, Step("reorient", {"from": before, "to": axcodes(out)})
 
 
+def co_register(
+    images: Mapping[str, sitk.Image], *, reference: str, sources: Mapping[str, str], **options: Any
+) -> tuple[dict[str, sitk.Transform], Step]:
+    """Rigid transforms (reference world -> modality world) of the registered modalities.
+
+    Modalities left out of the result are aligned in world space already; ``options``
+    (``register``, ``min_overlap``, ``seed``) and the record are those of
+    :func:`data_adapters.register.align_to_reference`.
+    """
+    transforms, params = align_to_reference(images, reference=reference, sources=sources, **options)
+    return transforms, Step("register", params)
+
+
 def foreground_mask(
-    images: Sequence[sitk.Image], *, path: str | Path = "<image>"
+    images: Sequence[sitk.Image],
+    *,
+    path: str | Path = "<image>",
+    transforms: Sequence[sitk.Transform | None] | None = None,
 ) -> tuple[sitk.Image, Step]:
     """Head (or, on skull-stripped data, brain) mask on the first image's grid.
 
     Otsu threshold of the mean of the modalities (each scaled by its
     :data:`MASK_SCALE_PERCENTILE`), largest connected component, holes filled.
+    ``transforms[i]`` (first image's world -> image i's world) brings a registered
+    image onto the first one; None means aligned in world space.
     """
     reference = images[0]
     mean = np.zeros(sitk.GetArrayViewFromImage(reference).shape, dtype=np.float32)
-    for image in images:
-        if not same_grid(image, reference):
-            image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, 0.0)
-        values = sitk.GetArrayViewFromImage(image).astype(np.float32)
+    for index, image in enumerate(images):
+        transform = transforms[index] if transforms else None
+        if transform is not None or not same_grid(image, reference):
+            image = sitk.Resample(
+                image, reference, transform or sitk.Transform(), sitk.sitkLinear, 0.0,
+                sitk.sitkFloat32,
+            )  # fmt: skip
+        values = sitk.GetArrayViewFromImage(image)
         scale = float(np.percentile(values, MASK_SCALE_PERCENTILE))
-        mean += values / scale if scale > 0 else values
+        mean += values / np.float32(scale) if scale > 0 else values
     mean /= len(images)
     mean_image = sitk.GetImageFromArray(mean)
     mean_image.CopyInformation(reference)
@@ -152,66 +181,15 @@ def foreground_mask(
     )
 
 
-def target_grid(
-    mask: sitk.Image, *, spacing: Sequence[float], margin_mm: float = DEFAULT_MARGIN_MM
-) -> tuple[Grid, Step]:
-    """RAS-aligned grid at ``spacing`` covering the mask's world bounding box plus a margin."""
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(mask)
-    box = stats.GetBoundingBox(1)  # (start i, j, k, size i, j, k) in voxels
-    start, size = np.array(box[:3], float), np.array(box[3:], float)
-    # Corners of the voxels' extent (half a voxel beyond the outer centres).
-    corners = [
-        mask.TransformContinuousIndexToPhysicalPoint(
-            [float(v) for v in start - 0.5 + size * np.array(c)]
-        )
-        for c in np.ndindex(2, 2, 2)
-    ]
-    ras = np.array(corners) * np.array([-1.0, -1.0, 1.0])
-    low, high = ras.min(axis=0) - margin_mm, ras.max(axis=0) + margin_mm
-    step = np.array(spacing, dtype=float)
-    n = np.ceil((high - low) / step - 1e-6).astype(int)
-    # Centre the grid on the box; the first voxel centre is half a voxel in.
-    first = (low + high) / 2 - (n - 1) / 2 * step
-    origin = (float(-first[0]), float(-first[1]), float(first[2]))
-    grid = Grid(
-        size=(int(n[0]), int(n[1]), int(n[2])),
-        spacing=(float(step[0]), float(step[1]), float(step[2])),
-        origin=origin,
-    )
-    return grid, Step("target_grid", {"margin_mm": float(margin_mm), **grid.to_json()})
-
-
-def resample_to_grid(
-    image: sitk.Image, grid: Grid, *, interpolator: str
-) -> tuple[sitk.Image, Step]:
-    """Resample through world coordinates onto ``grid`` (0 outside the source).
-
-    ``interpolator`` is ``"linear"`` (output float32) or ``"nearest"``
-    (output keeps the input's pixel type, so labels stay whole numbers).
-    """
-    f = sitk.ResampleImageFilter()
-    f.SetSize(list(grid.size))
-    f.SetOutputSpacing(grid.spacing)
-    f.SetOutputOrigin(grid.origin)
-    f.SetOutputDirection(grid.direction)
-    f.SetTransform(sitk.Transform(3, sitk.sitkIdentity))
-    f.SetInterpolator(_INTERPOLATORS[interpolator])
-    f.SetDefaultPixelValue(0.0)
-    f.SetOutputPixelType(sitk.sitkFloat32 if interpolator == "linear" else image.GetPixelID())
-    out = f.Execute(image)
-    source = {"from_size": list(image.GetSize()), "from_spacing": list(image.GetSpacing())}
-    return out, Step("resample", {"interpolator": interpolator, **source})
-
-
 def zscore(
     image: sitk.Image, mask: sitk.Image, *, path: str | Path = "<image>"
 ) -> tuple[sitk.Image, Step]:
     """Z-score ``image`` inside ``mask`` (same grid), exactly 0 outside; float32."""
-    values = sitk.GetArrayViewFromImage(image).astype(np.float64)
+    values = sitk.GetArrayViewFromImage(image)
     inside = sitk.GetArrayViewFromImage(mask) > 0
-    selected = values[inside]
-    mean, std = float(selected.mean()), float(selected.std())
+    # Only the masked voxels are copied and widened: statistics in float64.
+    selected = values[inside].astype(np.float64)
+    mean, std = (float(selected.mean()), float(selected.std())) if selected.size else (0.0, 0.0)
     if selected.size < 2 or not std > 1e-6 * max(1.0, abs(mean)):
         raise DataError(path, "intensity is constant inside the foreground mask; cannot z-score")
     out = np.zeros(values.shape, dtype=np.float32)
@@ -223,7 +201,11 @@ def zscore(
 
 @dataclass(frozen=True)
 class HarmonisedCase:
-    """A case on its canonical grid, with what was done to it and where it came from."""
+    """A case on its canonical grid, with what was done to it and where it came from.
+
+    ``transforms`` holds the rigid registrations applied (t1n world -> modality
+    world; absent means identity); ``raw_images`` the modalities as read, for QC.
+    """
 
     raw: RawCase
     images: dict[str, sitk.Image]
@@ -232,6 +214,8 @@ class HarmonisedCase:
     grid: Grid
     source_geometry: dict[str, Geometry]
     steps: list[Step]
+    transforms: dict[str, sitk.Transform] = field(default_factory=dict, compare=False)
+    raw_images: dict[str, sitk.Image] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def original_geometry(self) -> Geometry:
@@ -249,6 +233,11 @@ def harmonise_case(
     *,
     target_spacing: Sequence[float],
     margin_mm: float = DEFAULT_MARGIN_MM,
+    register: bool = False,
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
+    min_size: int | Sequence[int] = 0,
+    min_shape_mm: float | Sequence[float] = 0.0,
+    registration_seed: int = 0,
 ) -> HarmonisedCase:
     """Read one raw case and put it on its canonical RAS grid.
 
@@ -260,19 +249,28 @@ def harmonise_case(
         Output voxel size in mm along R, A, S.
     margin_mm
         World margin around the foreground's bounding box.
+    register
+        Rigidly register every other modality onto t1n.  Without it a modality
+        is still registered when its world box overlaps t1n's by less than
+        ``min_overlap`` (a fraction of the smaller box).
+    min_size, min_shape_mm
+        Pad the grid to at least this many voxels / this extent in mm per axis
+        (one value for all axes or three); 0 means no minimum.
+    registration_seed
+        Seed of the registration metric's sampling.
 
     Raises
     ------
     DataError
         Naming the file at fault: unreadable image, unknown label value,
-        segmentation off its images' grid, blank images.
+        segmentation off its images' grid, blank images, failed registration.
     """
-    if len(target_spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in target_spacing):
-        raise DataError(
-            raw_case.root, f"target spacing must be 3 positive numbers, got {target_spacing}"
-        )
+    options = CaseOptions(
+        margin_mm, register, min_overlap, min_size, min_shape_mm, registration_seed
+    )
+    _check_arguments(raw_case, target_spacing, options)
     reference = MODALITIES[0]
-    raw = {name: read_source(raw_case.modalities[name]) for name in MODALITIES}
+    raw = read_sources({name: raw_case.modalities[name] for name in MODALITIES})
     geometry = {name: Geometry.of(image) for name, image in raw.items()}
     steps: list[Step] = []
     seg = None
@@ -282,26 +280,52 @@ def harmonise_case(
     oriented = {name: _record(reorient_to_ras(img), steps, name) for name, img in raw.items()}
     if seg is not None:
         seg = _record(reorient_to_ras(seg), steps, "seg")
+    sources = {name: raw_case.modalities[name].describe() for name in MODALITIES}
+    transforms = _record(
+        co_register(
+            oriented, reference=reference, sources=sources, register=register,
+            min_overlap=min_overlap, seed=registration_seed,
+        ),
+        steps,
+    )  # fmt: skip
     case_dir = raw_case.modalities[reference].path.parent
-    mask = _record(foreground_mask([oriented[n] for n in MODALITIES], path=case_dir), steps)
+    modalities = [oriented[n] for n in MODALITIES]
+    moves = [transforms.get(n) for n in MODALITIES]
+    mask = _record(foreground_mask(modalities, path=case_dir, transforms=moves), steps)
     # The grid covers labelled voxels too, so no label is cropped away even where
     # the foreground mask misses it.
     extent = mask if seg is None else sitk.Or(mask, sitk.Cast(seg > 0, sitk.sitkUInt8))
     grid = _record(target_grid(extent, spacing=target_spacing, margin_mm=margin_mm), steps)
+    grid = _record(pad_grid(grid, min_size=min_size, min_shape_mm=min_shape_mm), steps)
     mask_on_grid = _record(resample_to_grid(mask, grid, interpolator="nearest"), steps, "mask")
     resampled = {
-        name: _record(resample_to_grid(img, grid, interpolator="linear"), steps, name)
+        name: _record(
+            resample_to_grid(img, grid, interpolator="linear", transform=transforms.get(name)),
+            steps,
+            name,
+        )
         for name, img in oriented.items()
     }
+    del oriented  # the reoriented copies are no longer needed; free them before z-scoring
     if seg is not None:
         seg = _record(resample_to_grid(seg, grid, interpolator="nearest"), steps, "seg")
     images = {
-        name: _record(
-            zscore(img, mask_on_grid, path=raw_case.modalities[name].describe()), steps, name
-        )
+        name: _record(zscore(img, mask_on_grid, path=sources[name]), steps, name)
         for name, img in resampled.items()
     }
-    return HarmonisedCase(raw_case, images, seg, mask_on_grid, grid, geometry, _merge(steps))
+    return HarmonisedCase(
+        raw_case, images, seg, mask_on_grid, grid, geometry, _merge(steps), transforms, raw
+    )
+
+
+def _check_arguments(raw_case: RawCase, spacing: Sequence[float], options: CaseOptions) -> None:
+    """Refuse unusable options up front, naming the case."""
+    if len(spacing) != 3 or not all(s > 0 and math.isfinite(s) for s in spacing):
+        raise DataError(raw_case.root, f"target spacing must be 3 positive numbers, got {spacing}")
+    try:
+        options.check()
+    except ValueError as err:
+        raise DataError(raw_case.root, str(err)) from err
 
 
 def _read_segmentation(raw_case: RawCase, reference: sitk.Image, steps: list[Step]) -> sitk.Image:

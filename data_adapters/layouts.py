@@ -151,7 +151,17 @@ LAYOUTS: dict[str, Layout] = {
         seg_token="seg",
         label_scheme="brats2021",
     ),
+    # BraTS 2024 GLI names files as 2023 does but writes 4 for the resection cavity.
+    "brats2024-gli": CaseFolderLayout(
+        name="brats2024-gli",
+        separator="-",
+        tokens=(("t1n", "t1n"), ("t1c", "t1c"), ("t2w", "t2w"), ("t2f", "t2f")),
+        seg_token="seg",
+        label_scheme="brats2024-gli",
+    ),
 }
+#: Layouts whose files look exactly like another's: only used when named explicitly.
+NOT_DETECTED = frozenset({"brats2024-gli"})
 
 
 def get_layout(name: str) -> Layout:
@@ -176,10 +186,14 @@ def detect_layout(raw_dir: Path) -> str:
         If ``raw_dir`` is not a folder, or no layout or several layouts match.
     """
     _require_dir(raw_dir)
-    counts = {name: layout.count_cases(raw_dir) for name, layout in LAYOUTS.items()}
+    counts = {
+        name: layout.count_cases(raw_dir)
+        for name, layout in LAYOUTS.items()
+        if name not in NOT_DETECTED
+    }
     matches = sorted(name for name, count in counts.items() if count > 0)
     if not matches:
-        tried = ", ".join(LAYOUTS)
+        tried = ", ".join(counts)
         raise DataError(raw_dir, f"no case folders of a known layout found (tried {tried})")
     if len(matches) > 1:
         found = ", ".join(f"{name}: {counts[name]} cases" for name in matches)
@@ -206,11 +220,10 @@ def _require_dir(raw_dir: Path) -> None:
 
 
 # Layouts living in their own modules register here (imported last: they use the types above).
+from data_adapters.layouts_dicom import DICOM_STUDY  # noqa: E402
 from data_adapters.layouts_mapping import mapping_layout  # noqa: E402
 from data_adapters.layouts_more import MSD, NNUNET_RAW  # noqa: E402
 
 LAYOUTS[MSD.name] = MSD
 LAYOUTS[NNUNET_RAW.name] = NNUNET_RAW
-from data_adapters.layouts_dicom import DICOM_STUDY  # noqa: E402
-
 LAYOUTS[DICOM_STUDY.name] = DICOM_STUDY

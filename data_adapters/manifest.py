@@ -24,7 +24,7 @@ from typing import Any
 
 from data_adapters.errors import DataError, SkippedCase
 from data_adapters.geometry import Geometry
-from data_adapters.harmonise import Step
+from data_adapters.grid import Step
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

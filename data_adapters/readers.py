@@ -28,7 +28,7 @@ import gzip
 import io
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import cast
 
@@ -120,8 +120,26 @@ def read_source(source: Source) -> sitk.Image:
     return read_image(source.path)
 
 
+def read_sources(sources: Mapping[str, Source]) -> dict[str, sitk.Image]:
+    """Read several sources, each 4D file once however many of its volumes are wanted."""
+    four_d: dict[Path, sitk.Image] = {}
+    images = {}
+    for name, source in sources.items():
+        if source.channel is None:
+            images[name] = read_source(source)
+            continue
+        if source.path not in four_d:
+            four_d[source.path] = _read_4d(source.path)
+        images[name] = _volume(four_d[source.path], source.path, source.channel)
+    return images
+
+
 def read_volume(path: Path, index: int) -> sitk.Image:
     """One 3D volume of a 4D file (MSD keeps four modalities in one NIfTI)."""
+    return _volume(_read_4d(path), path, index)
+
+
+def _read_4d(path: Path) -> sitk.Image:
     if not path.is_file():
         raise DataError(path, "file not found")
     reader = READERS.get(image_suffix(path))
@@ -132,6 +150,10 @@ def read_volume(path: Path, index: int) -> sitk.Image:
         raise DataError(
             path, f"expected a 4D image with one volume per modality, got {image.GetDimension()}D"
         )
+    return image
+
+
+def _volume(image: sitk.Image, path: Path, index: int) -> sitk.Image:
     size = list(image.GetSize())
     if not 0 <= index < size[3]:
         raise DataError(path, f"volume {index} requested but the file holds {size[3]}")

@@ -7,6 +7,7 @@ Output (see DESIGN.md, "Canonical data")::
     out_dir/cases/<case-id>/seg.nii.gz                  uint8, labels 0-3 (labelled cases)
     out_dir/qc/geometry.csv                             source geometry of every file
     out_dir/qc/skipped.csv                              cases left out and why
+    out_dir/qc/summary.json, histograms/, overlays/     site QC (see data_adapters.qc)
 
 Everything is written into a hidden sibling folder first and renamed into
 place at the end, so a failure halfway leaves an existing ``out_dir`` as it was.
@@ -28,7 +29,7 @@ import numpy as np
 from data_adapters.errors import DataError, SkippedCase
 from data_adapters.geometry import Geometry
 from data_adapters.harmonise import (
-    DEFAULT_MARGIN_MM,
+    CaseOptions,
     HarmonisedCase,
     harmonisation_parameters,
     harmonise_case,
@@ -46,6 +47,7 @@ from data_adapters.manifest import (
     fedseg_version,
     write_manifest,
 )
+from data_adapters.qc import SiteQC
 from data_adapters.sources import source_sha256
 from data_adapters.writers import write_nifti
 
@@ -72,6 +74,11 @@ def harmonise_site(
     strict: bool = False,
     site_name: str | None = None,
     progress: Progress | None = None,
+    register: bool = False,
+    min_size: int | Sequence[int] = 0,
+    min_shape_mm: float | Sequence[float] = 0.0,
+    qc: bool = True,
+    qc_overlays: int = 3,
 ) -> HarmoniseResult:
     """Turn a raw site folder into a canonical harmonised site folder.
 
@@ -95,6 +102,16 @@ def harmonise_site(
         Defaults to ``raw_dir``'s name.
     progress
         Called with one line per case.
+    register
+        Rigidly register every modality onto t1n (see
+        :func:`data_adapters.harmonise.harmonise_case`; modalities whose world
+        box misses t1n's are registered in any case).
+    min_size, min_shape_mm
+        Pad every case to at least this many voxels / mm per axis (0: no minimum).
+    qc, qc_overlays
+        Write ``qc/summary.json``, histograms and overlays of the first
+        ``qc_overlays`` cases (and flagged ones); a QC failure is recorded there,
+        never raised.
 
     Raises
     ------
@@ -107,6 +124,11 @@ def harmonise_site(
         raise DataError(
             raw_dir, f"validation fraction must be in [0, 1), got {validation_fraction}"
         )
+    options = CaseOptions(register=register, min_size=min_size, min_shape_mm=min_shape_mm)
+    try:
+        options.check()
+    except ValueError as err:
+        raise DataError(raw_dir, str(err)) from err
     layout = layout or detect_layout(raw_dir)
     scan = scan_cases(raw_dir, layout)
     if strict and scan.bad:
@@ -120,15 +142,20 @@ def harmonise_site(
     staging = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
+        site_qc = SiteQC(staging / "qc", overlays=qc_overlays) if qc else None
         records, skipped = _harmonise_cases(
-            scan, staging, target_spacing=target_spacing, strict=strict, progress=progress
-        )
+            scan, staging, target_spacing=target_spacing, options=options, strict=strict,
+            progress=progress, site_qc=site_qc,
+        )  # fmt: skip
+        if site_qc is not None:
+            site_qc.finish()
         manifest = _build_manifest(
             records,
             skipped,
             raw_dir=raw_dir,
             site=site_name or raw_dir.name,
             target_spacing=target_spacing,
+            options=options,
             validation_fraction=validation_fraction,
             seed=seed,
         )
@@ -161,8 +188,10 @@ def _harmonise_cases(
     staging: Path,
     *,
     target_spacing: Sequence[float],
+    options: CaseOptions,
     strict: bool,
     progress: Progress | None,
+    site_qc: SiteQC | None = None,
 ) -> tuple[list[CaseRecord], list[SkippedCase]]:
     """Harmonise and write every case; bad ones are skipped (or raised when strict)."""
     records: list[CaseRecord] = []
@@ -171,7 +200,9 @@ def _harmonise_cases(
     total = len(scan.cases)
     for index, raw_case in enumerate(scan.cases, start=1):
         try:
-            record, rows = _harmonise_one(raw_case, staging, target_spacing=target_spacing)
+            record, rows, case = _harmonise_one(
+                raw_case, staging, target_spacing=target_spacing, options=options
+            )
         except DataError as err:
             if strict:
                 raise
@@ -180,19 +211,31 @@ def _harmonise_cases(
             continue
         records.append(record)
         geometry_rows.extend(rows)
+        if site_qc is not None:
+            site_qc.add_case(case)
+        del case  # one case in memory at a time
         _report(progress, f"[{index}/{total}] {raw_case.case_id}: done")
     _write_geometry_csv(staging / "qc" / "geometry.csv", geometry_rows)
     return records, skipped
 
 
 def _harmonise_one(
-    raw_case: RawCase, staging: Path, *, target_spacing: Sequence[float]
-) -> tuple[CaseRecord, list[list[str]]]:
-    """Harmonise one case into ``staging/cases/<id>``; return its record and QC rows."""
+    raw_case: RawCase, staging: Path, *, target_spacing: Sequence[float], options: CaseOptions
+) -> tuple[CaseRecord, list[list[str]], HarmonisedCase]:
+    """Harmonise one case into ``staging/cases/<id>``; return its record, QC rows and itself."""
     sources = raw_case.sources()
     try:
-        hashes = {role: source_sha256(source) for role, source in sources.items()}
-        case = harmonise_case(raw_case, target_spacing=target_spacing)
+        # MSD's four modalities share one 4D file: hash each distinct file or series once.
+        by_source = {
+            s: source_sha256(s) for s in {replace(s, channel=None) for s in sources.values()}
+        }
+        hashes = {role: by_source[replace(s, channel=None)] for role, s in sources.items()}
+        case = harmonise_case(
+            raw_case, target_spacing=target_spacing, margin_mm=options.margin_mm,
+            register=options.register, min_overlap=options.min_overlap,
+            min_size=options.min_size, min_shape_mm=options.min_shape_mm,
+            registration_seed=options.registration_seed,
+        )  # fmt: skip
     except (RuntimeError, OSError) as err:
         # SimpleITK reports odd images (e.g. non-orthonormal directions) as RuntimeError.
         folder = raw_case.modalities[MODALITIES[0]].path.parent
@@ -217,7 +260,7 @@ def _harmonise_one(
         )
         for role, source in sources.items()
     ]
-    return record, rows
+    return record, rows, case
 
 
 def _write_case(case: HarmonisedCase, case_dir: Path) -> None:
@@ -235,6 +278,7 @@ def _build_manifest(
     raw_dir: Path,
     site: str,
     target_spacing: Sequence[float],
+    options: CaseOptions,
     validation_fraction: float,
     seed: int,
 ) -> SiteManifest:
@@ -246,9 +290,7 @@ def _build_manifest(
             f"{len(skipped)} skipped"
             + (f"; first: {skipped[0].file}: {skipped[0].reason})" if skipped else ")"),
         )
-    parameters = harmonisation_parameters(
-        target_spacing=target_spacing, margin_mm=DEFAULT_MARGIN_MM
-    )
+    parameters = harmonisation_parameters(target_spacing=target_spacing, options=options)
     parameters["split"] = {"seed": seed, "validation_fraction": float(validation_fraction)}
     return SiteManifest(
         site=site,

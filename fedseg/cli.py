@@ -161,18 +161,36 @@ def convert(
 def harmonise(
     raw_dir: Annotated[Path, typer.Argument(help="A raw site folder.")],
     out_dir: Annotated[Path, typer.Argument(help="Canonical site folder to write.")],
-    layout: Annotated[str | None, typer.Option(help="Layout name; detected when omitted.")] = None,
+    layout: Annotated[
+        str | None, typer.Option(help="Layout name or mapping .toml; detected when omitted.")
+    ] = None,
     spacing: Annotated[float, typer.Option(help="Target isotropic spacing in mm.")] = 1.0,
     validation_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.25,
     seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 0,
     strict: Annotated[bool, typer.Option(help="Any bad case is fatal.")] = False,
+    register: Annotated[
+        bool,
+        typer.Option(
+            help="Rigidly register every modality to t1n (always done when grids do not overlap)."
+        ),
+    ] = False,
+    min_size: Annotated[
+        int, typer.Option(min=0, help="Pad every case to at least N voxels per axis.")
+    ] = 0,
+    qc: Annotated[bool, typer.Option(help="Write qc/ histograms, overlays and summary.")] = True,
 ) -> None:
-    """Turn a raw site folder into a validated, harmonised canonical dataset."""
+    """Turn a raw site folder into a validated, harmonised canonical dataset.
+
+    --layout is one of brats2023, brats2021, brats2024-gli (2023 names, label 4 = resection
+    cavity, dropped), dicom-study, msd, nnunet-raw, or a mapping .toml file; all but
+    brats2024-gli and mapping files are detected when omitted.
+    """
     from data_adapters.site import harmonise_site
 
     result = harmonise_site(
         raw_dir, out_dir, layout=layout, target_spacing=(spacing,) * 3,
         validation_fraction=validation_fraction, seed=seed, strict=strict, progress=_progress,
+        register=register, min_size=min_size, qc=qc,
     )  # fmt: skip
     for s in result.skipped:
         console.print(

@@ -338,3 +338,27 @@ def test_refuses_to_replace_unrelated_folder_or_raw_data(tmp_path: Path) -> None
     assert (unrelated / "thesis.txt").read_text() == "precious"
     with pytest.raises(DataError, match="raw data"):
         harmonise_site(raw, tmp_path, target_spacing=SPACING)
+
+
+def test_brats2024_gli_drops_resection_cavity_and_is_never_guessed(tmp_path: Path) -> None:
+    # Prepare: 2023 naming with a resection cavity (4) next to the tumour.
+    raw = tmp_path / "site"
+    for i in range(2):
+        write_case(raw, f"case{i:02d}", seed=i, extra_label=4)
+    # Execute / Assert: the names alone say brats2023, whose scheme refuses 4 ...
+    assert detect_layout(raw) == "brats2023"
+    with pytest.raises(DataError, match=r"label values \[4\] not in scheme brats2023"):
+        harmonise_site(raw, tmp_path / "auto", target_spacing=SPACING)
+    # ... and naming brats2024-gli maps the cavity to background, recorded in the manifest.
+    result = harmonise_site(raw, tmp_path / "out", layout="brats2024-gli", target_spacing=SPACING)
+    assert not result.skipped
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    remap = next(s for s in manifest["cases"][0]["steps"] if s["name"] == "remap_labels")
+    record = remap["params"]["images"]["seg"]
+    assert record["scheme"] == "brats2024-gli"
+    assert (
+        record["dropped"]["4"]["voxels"] == 1
+        and "resection cavity" in record["dropped"]["4"]["reason"]
+    )
+    seg = nib.load(tmp_path / "out" / "cases" / "case00" / "seg.nii.gz")
+    assert set(np.unique(np.asarray(seg.dataobj)).tolist()) == {0, 1, 2, 3}

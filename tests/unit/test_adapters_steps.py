@@ -12,13 +12,8 @@ import SimpleITK as sitk
 
 from data_adapters.errors import DataError
 from data_adapters.geometry import ijk_array, image_from_ijk, ras_affine
-from data_adapters.harmonise import (
-    foreground_mask,
-    reorient_to_ras,
-    resample_to_grid,
-    target_grid,
-    zscore,
-)
+from data_adapters.grid import resample_to_grid, target_grid
+from data_adapters.harmonise import foreground_mask, reorient_to_ras, zscore
 from data_adapters.labels import remap_labels
 from data_adapters.readers import read_image
 from data_adapters.writers import write_nifti
