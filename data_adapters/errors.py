@@ -45,3 +45,9 @@ class SkippedCase:
     def from_error(cls, case_id: str, error: DataError) -> SkippedCase:
         """Record ``error`` as the reason ``case_id`` was skipped."""
         return cls(case_id=case_id, file=str(error.path), reason=error.reason)
+
+
+def itk_message(err: RuntimeError) -> str:
+    """Keep the informative last line of an ITK exception message (the rest is C++ context)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"

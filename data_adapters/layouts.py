@@ -96,12 +96,12 @@ class CaseFolderLayout:
     def count_cases(self, raw_dir: Path) -> int:
         """Count case folders holding at least one file named the way this layout names them."""
         all_tokens = [t for _, t in self.tokens] + [self.seg_token]
-        return sum(any(self._find(d, t) for t in all_tokens) for d in _case_dirs(raw_dir))
+        return sum(any(self._find(d, t) for t in all_tokens) for d in case_dirs(raw_dir))
 
     def scan(self, raw_dir: Path) -> CaseScan:
         """Return complete cases; cases missing a modality or with duplicate files are bad."""
         scan = CaseScan()
-        for case_dir in _case_dirs(raw_dir):
+        for case_dir in case_dirs(raw_dir):
             try:
                 scan.cases.append(self._case(raw_dir, case_dir))
             except DataError as err:
@@ -130,8 +130,8 @@ class CaseFolderLayout:
         )
 
 
-def _case_dirs(raw_dir: Path) -> list[Path]:
-    """Sub-folders of ``raw_dir`` that may be cases (hidden ones are not)."""
+def case_dirs(raw_dir: Path) -> list[Path]:
+    """Sub-folders of ``raw_dir`` that may be cases or patients (hidden ones are not)."""
     return sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_adapters.errors import DataError, SkippedCase
-from data_adapters.layouts import MODALITIES, CaseScan, RawCase
+from data_adapters.layouts import MODALITIES, CaseScan, RawCase, case_dirs
 from data_adapters.sources import Source
 
 if TYPE_CHECKING:
@@ -248,14 +248,14 @@ class DicomStudyLayout:
 
     def count_cases(self, raw_dir: Path) -> int:
         """Patient folders where one of the first files probed is a DICOM file."""
-        return sum(_holds_dicom(d) for d in _case_dirs(raw_dir))
+        return sum(_holds_dicom(d) for d in case_dirs(raw_dir))
 
     def scan(self, raw_dir: Path) -> CaseScan:
         """Cases with one series per modality; the others are refused with the candidates."""
         rules_file = raw_dir / RULES_FILE
         rules = load_rules(rules_file) if rules_file.is_file() else self.rules
         scan = CaseScan()
-        for case_dir in _case_dirs(raw_dir):
+        for case_dir in case_dirs(raw_dir):
             try:
                 scan.cases.append(self.case(raw_dir, case_dir, rules=rules))
             except DataError as err:
@@ -296,11 +296,6 @@ class DicomStudyLayout:
             root=raw_dir,
             layout=self.name,
         )
-
-
-def _case_dirs(raw_dir: Path) -> list[Path]:
-    """Sub-folders of ``raw_dir`` that may be patients (hidden ones are not)."""
-    return sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _holds_dicom(folder: Path) -> bool:

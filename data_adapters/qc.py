@@ -250,8 +250,8 @@ def plot_histograms(histograms: list[_Histograms], modality: str, path: Path) ->
     z_edges = np.linspace(*ZSCORE_RANGE, HISTOGRAM_BINS + 1)
     for case in histograms:
         edges, counts = case.before[modality]
-        before.stairs(_log_density(counts, edges), edges, label=case.case_id)
-        after.stairs(_log_density(case.after[modality], z_edges), z_edges)
+        before.stairs(_log_density(counts, edges), edges, label=case.case_id, baseline=None)
+        after.stairs(_log_density(case.after[modality], z_edges), z_edges, baseline=None)
     before.set_title(f"{modality} as read (all voxels)", fontsize=9)
     before.set_xlabel("source intensity", fontsize=8)
     after.set_title(f"{modality} harmonised (inside the mask)", fontsize=9)

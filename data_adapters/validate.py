@@ -18,7 +18,7 @@ from data_adapters.errors import DataError
 from data_adapters.labels import CANONICAL_LABELS, CANONICAL_SCHEME
 from data_adapters.layouts import MODALITIES
 from data_adapters.manifest import MANIFEST_NAME, CaseRecord, SiteManifest, load_manifest
-from data_adapters.readers import check_nifti_complete
+from data_adapters.nifti import check_nifti_complete
 
 #: World tolerance (mm) for "same grid" and "RAS-aligned".
 TOLERANCE_MM = 1e-3
