@@ -11,7 +11,8 @@ import json
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -74,11 +75,21 @@ def demo(
     from fedseg.demo import demo_plan, run_demo
 
     plan = demo_plan(sites=sites, rounds=rounds, quick=quick, seed=seed)
+    with _flower_log(out / "flower" / "run.log") as on_log:
+        metrics = run_demo(out, plan=plan, progress=_progress, on_log=on_log)
+    _print_final(metrics)
+    console.print(
+        f"[green]done[/green]: {out / 'report.html'}, {out / 'metrics.json'}, {out / 'model.pt'}"
+    )
+
+
+@contextmanager
+def _flower_log(path: Path) -> Iterator[Callable[[str], None]]:
+    """A sink for Flower's log lines: all to ``path``, the progress ones to the console."""
     # SIGTERM (a scheduler, a timeout) must unwind like Ctrl-C so Flower gets stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    log_path = out / "flower" / "run.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as log:
 
         def on_log(line: str) -> None:
             log.write(line + "\n")
@@ -86,11 +97,7 @@ def demo(
             if _FLOWER_PROGRESS.search(line):
                 console.print(f"  [dim]flower[/dim] {_strip_ansi(line)}", highlight=False)
 
-        metrics = run_demo(out, plan=plan, progress=_progress, on_log=on_log)
-    _print_final(metrics)
-    console.print(
-        f"[green]done[/green]: {out / 'report.md'}, {out / 'metrics.json'}, {out / 'model.pt'}"
-    )
+        yield on_log
 
 
 def _strip_ansi(line: str) -> str:
@@ -219,16 +226,89 @@ def check_site_cmd(
 @app.command()
 @friendly_errors
 def metrics(
-    reference: Annotated[Path, typer.Option(help="Reference segmentation (canonical labels).")],
-    prediction: Annotated[Path, typer.Option(help="Predicted segmentation (canonical labels).")],
+    reference: Annotated[Path, typer.Option(help="Reference segmentation (NIfTI label map).")],
+    prediction: Annotated[Path, typer.Option(help="Predicted segmentation on the same grid.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="Label scheme of both files: brats2023 (canonical), brats2021 (ET = 4), msd,"
+            " brats2024-gli."
+        ),
+    ] = "brats2023",
+    lesion_wise: Annotated[
+        bool, typer.Option(help="Add BraTS 2023 lesion-wise Dice, HD95 and TP/FN/FP lesions.")
+    ] = False,
 ) -> None:
-    """Dice and HD95 (mm) per region (WT, TC, ET) for one case."""
+    """Dice, HD95 (mm), sensitivity, specificity and volumes per region (WT, TC, ET)."""
     from evaluation.case import score_files
 
-    scores = score_files(reference=reference, prediction=prediction)
+    scores = score_files(
+        reference=reference, prediction=prediction, labels=labels, lesion_wise=lesion_wise
+    )
     if as_json:
-        typer.echo(json.dumps({r: {"dice": s.dice, "hd95": s.hd95} for r, s in scores.items()}))
+        typer.echo(json.dumps({r: s.as_dict() for r, s in scores.items()}, allow_nan=False))
         return
+    header = "region    Dice   HD95 mm   Sens    Spec    ref ml  pred ml"
+    if lesion_wise:
+        header += "  | LW Dice  LW HD95   TP  FN  FP"
+    typer.echo(header)
     for region, s in scores.items():
-        typer.echo(f"{region}  Dice {s.dice:.4f}  HD95 {s.hd95:.2f} mm")
+        line = (
+            f"{region:<6} {s.dice:7.4f} {s.hd95:9.2f} {s.sensitivity:6.4f} {s.specificity:7.5f}"
+            f" {s.reference_ml:9.2f} {s.prediction_ml:8.2f}"
+        )
+        if s.lesions is not None:
+            les = s.lesions
+            line += f"  | {les.dice:7.4f} {les.hd95:8.2f} {les.tp:4d} {les.fn:3d} {les.fp:3d}"
+        typer.echo(line)
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Model weights (model.pt, with model.json beside).")],
+    sites: Annotated[Path, typer.Option(help="Folder of canonical site folders.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("evaluation-run"),
+) -> None:
+    """Federated validation: every site scores MODEL on its own validation cases, trains nothing."""
+    from fedseg.evaluate import model_settings, run_evaluation
+
+    model_settings(model)  # a wrong model is refused before anything is written
+    with _flower_log(out / "flower" / "run.log") as on_log:
+        metrics = run_evaluation(model=model, sites_dir=sites, out=out, on_log=on_log)
+    _print_final(metrics)
+    console.print(f"[green]done[/green]: {out / 'report.html'}, {out / 'metrics.json'}")
+
+
+@app.command()
+@friendly_errors
+def report(
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="Run folder holding metrics.json (or the file).")
+    ] = None,
+    site: Annotated[
+        Path | None,
+        typer.Option(help="Instead: a canonical site folder; writes its local site_report.html."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: RUN_DIR, or the site folder).")
+    ] = None,
+) -> None:
+    """Write report.html (self-contained), report.md and PNG plots from a run's metrics.json.
+
+    With --site: site_report.html, a site's own QC report (images of its patients: local only).
+    """
+    if (run_dir is None) == (site is None):
+        raise typer.BadParameter("give either RUN_DIR or --site SITE_DIR, not both or neither")
+    if site is not None:
+        from evaluation.site_report import write_site_report
+
+        path = write_site_report(site, out=out)
+        console.print(f"[green]done[/green]: {path} (stays at the site)", highlight=False)
+        return
+    from evaluation.report import report_run
+
+    assert run_dir is not None  # for mypy: checked above
+    files = report_run(run_dir, out=out)
+    console.print(f"[green]done[/green]: {files.html}, {files.markdown}", highlight=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 Scalar = bool | int | float | str | bytes
 
 STRATEGIES = ("fedavg", "fedprox")
+MODES = ("train", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,8 @@ def _get(config: Mapping[str, object], key: str, kind: type, default: object) ->
 class RunConfig:
     """One study: what every site trains, for how long, and how the server aggregates."""
 
+    mode: str = "train"
+    initial_model: str = ""
     num_server_rounds: int = 10
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
@@ -52,6 +55,10 @@ class RunConfig:
     sim_client_threads: int = 1
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode '{self.mode}' unknown; choose from {MODES}")
+        if self.mode == "evaluate" and not self.initial_model:
+            raise ConfigError("mode 'evaluate' needs initial-model (the weights to validate)")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy '{self.strategy}' unknown; choose from {STRATEGIES}")
         if self.num_server_rounds < 1 or self.local_steps < 1 or self.batch_size < 1:

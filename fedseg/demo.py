@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from data_adapters.site import harmonise_site
-from evaluation.report import load_metrics, markdown_report, plot_learning_curves
+from evaluation.report import load_metrics, write_report
 from fedseg.artifacts import write_json
 from fedseg.config import RunConfig
 from fedseg.simulation import SimulationError, SimulationSpec, app_dir, run_simulation
@@ -107,15 +107,14 @@ def run_demo(
 def finish_report(
     out: Path, run_dir: Path, *, timings: dict[str, float], skipped: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """Copy the run's artefacts to the top of ``out`` and write the plot and report."""
+    """Copy the run's artefacts to the top of ``out`` and write the plots and reports."""
     metrics = load_metrics(run_dir)
     metrics["timings"] = {k: round(v, 1) for k, v in timings.items()}
     metrics["skipped_cases"] = skipped
     write_json(out / "metrics.json", metrics)
     for name in ("model.pt", "model.json"):
         shutil.copy2(run_dir / name, out / name)
-    plot_learning_curves(metrics, out / "learning_curves.png")
-    extra = {k: f"{v:.0f} s" for k, v in metrics["timings"].items()}
-    extra["skipped cases"] = str(len(skipped))
-    (out / "report.md").write_text(markdown_report(metrics, title="fedseg demo", extra=extra))
+    # report.html (self-contained), report.md, learning_curves.png and the other plots; the
+    # timings and skipped cases reach the report through metrics.json itself.
+    write_report(metrics, out, title="fedseg demo")
     return metrics

@@ -5,12 +5,14 @@ from __future__ import annotations
 from logging import INFO
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from data_adapters.sources import sha256_file
 from fedseg import __version__
-from fedseg.artifacts import save_weights, write_json
+from fedseg.artifacts import load_weights, save_weights, write_json
 from fedseg.config import RunConfig
 from fedseg.strategies import MetricsBook, build_strategy
 from fedseg.task.model import build_model
@@ -28,8 +30,9 @@ class RoundWriter:
         self.run = run
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        state = arrays.to_torch_state_dict()
-        save_weights(self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt", state)
+        if self.run.mode == "train":
+            state = arrays.to_torch_state_dict()
+            save_weights(self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt", state)
         write_json(self.run_dir / "metrics.json", self.payload())
         record = self.book.rounds.get(server_round)
         for site, scores in sorted(record.sites.items()) if record else []:
@@ -38,34 +41,61 @@ class RoundWriter:
         return None
 
     def payload(self) -> dict[str, object]:
+        extra: dict[str, object] = {}
+        if self.run.initial_model:
+            path = Path(self.run.initial_model)
+            extra["initial_model"] = {"path": str(path), "sha256": sha256_file(path)}
         return {
             "fedseg_version": __version__,
+            "mode": self.run.mode,
             "config": self.run.to_flower(),
+            **extra,
             **self.book.to_json(),
         }
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the study the run config describes and leave its artefacts in ``run-dir``."""
+    """Run the study (or evaluation) the run config describes; leave artefacts in ``run-dir``."""
     run = RunConfig.from_flower(context.run_config)
     run_dir = Path(run.run_dir) if run.run_dir else Path.cwd() / "runs" / f"run-{context.run_id}"
     book = MetricsBook()
     writer = RoundWriter(run_dir, book, run)
-    strategy = build_strategy(run, book=book)
-    model = build_model(run.model_preset, seed=run.seed)
-    result = strategy.start(
+    model = initial_model(run)
+    result = build_strategy(run, book=book).start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=run.num_server_rounds,
+        # Evaluation: one round in which no site trains and every site validates.
+        num_rounds=1 if run.mode == "evaluate" else run.num_server_rounds,
         evaluate_fn=writer,
     )
+    if run.mode == "train":
+        save_final_model(run_dir, run, book, result.arrays)
+    write_json(run_dir / "metrics.json", writer.payload())
+
+
+def initial_model(run: RunConfig) -> torch.nn.Module:
+    """The preset's network, seeded, or loaded from ``initial-model`` when one is named."""
+    model = build_model(run.model_preset, seed=run.seed)
+    if run.initial_model:
+        path = Path(run.initial_model)
+        try:
+            model.load_state_dict(load_weights(path))
+        except RuntimeError as err:  # torch lists every mismatched tensor
+            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise ValueError(
+                f"{path}: weights do not fit model preset '{run.model_preset}' ({first})"
+            ) from None
+    return model
+
+
+def save_final_model(run_dir: Path, run: RunConfig, book: MetricsBook, arrays: ArrayRecord) -> None:
+    """Write ``model.pt`` and ``model.json``; refuse when no site ever trained."""
     if not any(r.train for r in book.rounds.values()):
-        write_json(run_dir / "metrics.json", writer.payload())
         failures = [f for r in book.rounds.values() for f in r.failures]
         reason = failures[0]["reason"] if failures else "no site replied"
         raise RuntimeError(f"no site completed a training round (first failure: {reason})")
-    digest = save_weights(run_dir / "model.pt", result.arrays.to_torch_state_dict())
+    digest = save_weights(run_dir / "model.pt", arrays.to_torch_state_dict())
     write_json(
         run_dir / "model.json",
         {
@@ -77,4 +107,3 @@ def main(grid: Grid, context: Context) -> None:
             "fedseg_version": __version__,
         },
     )
-    write_json(run_dir / "metrics.json", writer.payload())

@@ -156,7 +156,8 @@ class RecordingFedProx(_Recording, FedProx):
 def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
     """The strategy a run config asks for, recording into ``book``."""
     common: dict[str, Any] = {
-        "fraction_train": run.fraction_train,
+        # An evaluation-only run sends no training message at all.
+        "fraction_train": 0.0 if run.mode == "evaluate" else run.fraction_train,
         "fraction_evaluate": 1.0,
         "min_train_nodes": run.min_train_sites,
         "min_evaluate_nodes": run.min_train_sites,

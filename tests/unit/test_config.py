@@ -33,6 +33,8 @@ def test_from_flower_parses_dashed_keys_and_coerces_numbers() -> None:
         ({"proximal-mu": -0.1}, "proximal-mu must be >= 0"),
         ({"patch-size": 50}, "multiple of 16"),
         ({"local-steps": "ten"}, "expected int"),
+        ({"mode": "predict"}, "mode 'predict' unknown"),
+        ({"mode": "evaluate"}, "needs initial-model"),
     ],
 )
 def test_invalid_run_config_is_refused_with_the_key(

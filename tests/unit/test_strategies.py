@@ -150,3 +150,15 @@ def test_declined_site_is_named_and_left_out_of_the_average() -> None:
     record = strategy.book.rounds[1].to_json()
     assert record["failures"] == [{"site": "hospital-c", "phase": "train", "reason": reason}]
     assert set(record["train"]) == {"hospital-a"}
+
+
+def test_evaluation_only_run_sends_no_training_message() -> None:
+    strategy = build_strategy(
+        RunConfig(mode="evaluate", initial_model="/models/model.pt"), book=MetricsBook()
+    )
+
+    class _Grid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    assert list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid())) == []  # type: ignore[arg-type]
