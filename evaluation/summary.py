@@ -35,6 +35,8 @@ from evaluation.metrics import CaseRegionScores
 __all__ = ["DEFAULT_MIN_CASES", "summarise", "summarise_cases"]
 
 DEFAULT_MIN_CASES = 3
+#: The statistics a summary holds besides its count (what a site may send).
+STATISTICS: tuple[str, ...] = ("mean", "median", "std", "p5", "p95")
 Summary = dict[str, float | int | None]
 
 

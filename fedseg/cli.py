@@ -110,9 +110,9 @@ def _print_final(metrics: dict[str, Any]) -> None:
         console.print("[yellow]no validation results recorded[/yellow]")
         return
     for name, site in sorted(final["sites"].items()):
-        dice = "  ".join(f"{r} {v:.3f}" for r, v in site["dice"].items())
-        console.print(f"  {name:<14} n={site['n_cases']:<3} Dice {dice}")
-    pooled = "  ".join(f"{r} {v:.3f}" for r, v in final["pooled"]["dice"].items())
+        dice = "  ".join(f"{r} {v:.3f}" for r, v in site["dice"].items()) if "dice" in site else ""
+        console.print(f"  {name:<14} n={site['n_cases']:<3} Dice {dice or 'withheld (n < min)'}")
+    pooled = "  ".join(f"{r} {v:.3f}" for r, v in final["pooled"].get("dice", {}).items())
     console.print(f"  {'pooled':<14} n={final['pooled']['n_cases']:<3} Dice {pooled}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from logging import ERROR
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,6 +18,7 @@ from flwr.common.logger import log
 from data_adapters.errors import DataError
 from data_adapters.manifest import SiteManifest, load_manifest
 from data_adapters.validate import check_site
+from evaluation.summary import STATISTICS
 from fedseg.config import RunConfig, SiteConfig, derive_seed
 from fedseg.task.data import training_batches
 from fedseg.task.model import build_model
@@ -123,12 +125,22 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _decline(msg, declined)
     model = _model_from(msg, run)
     result = validate_site(model, manifest, roi_size=run.patch_size)
-    values: dict[str, int | float | list[int] | list[float]] = {
-        "num-examples": result.n_cases,
-        "seconds": result.seconds,
-    }
-    for region in result.dice:
-        values[f"dice-{region}"] = result.dice[region]
-        values[f"hd95-{region}"] = result.hd95[region]
+    values = summary_metrics(result.summary(min_cases=run.min_cases_to_report), result.n_cases)
     content = RecordDict({"metrics": MetricRecord(values), "site": _identity(manifest)})
     return Message(content=content, reply_to=msg)
+
+
+def summary_metrics(
+    summary: dict[str, Any], n_cases: int
+) -> dict[str, int | float | list[int] | list[float]]:
+    """Flatten a site summary into metric keys like ``dice-WT-median``.
+
+    A summary withheld for too few cases holds only counts, so only ``num-examples`` is sent.
+    """
+    values: dict[str, int | float | list[int] | list[float]] = {"num-examples": n_cases}
+    for region, metrics in summary.items():
+        for metric, stats in metrics.items():
+            for stat in STATISTICS:
+                if stats.get(stat) is not None:
+                    values[f"{metric}-{region}-{stat}"] = float(stats[stat])
+    return values

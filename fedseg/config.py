@@ -49,6 +49,7 @@ class RunConfig:
     patch_size: int = 48
     fraction_train: float = 1.0
     min_train_sites: int = 2
+    min_cases_to_report: int = 3
     seed: int = 0
     run_dir: str = ""
     sim_sites_dir: str = ""
@@ -67,6 +68,8 @@ class RunConfig:
             raise ConfigError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.min_cases_to_report < 1:
+            raise ConfigError("min-cases-to-report must be >= 1")
         if self.patch_size % 16:
             raise ConfigError(f"patch-size must be a multiple of 16, got {self.patch_size}")
 

@@ -17,7 +17,7 @@ from data_adapters.site import harmonise_site
 from evaluation.report import load_metrics, write_report
 from fedseg.artifacts import write_json
 from fedseg.config import RunConfig
-from fedseg.simulation import SimulationError, SimulationSpec, app_dir, run_simulation
+from fedseg.simulation import SimulationSpec, app_dir, run_simulation
 from fedseg.synth import generate_federation
 
 # The CPU demo grid: 3 mm keeps a head within one 48^3 patch region and a round in seconds.
@@ -47,6 +47,8 @@ def demo_plan(*, sites: int | None, rounds: int | None, quick: bool, seed: int) 
         num_server_rounds=rounds if rounds is not None else (6 if quick else 10),
         local_steps=30 if quick else 40,
         min_train_sites=min(sites, 2),
+        # Generated phantoms, not patients, and only 1-3 validation cases per site: report all.
+        min_cases_to_report=1,
         seed=seed,
     )
     return DemoPlan(sites=sites, cases_per_site=cases, run=run, seed=seed)
@@ -97,10 +99,6 @@ def run_demo(
         on_line=on_log,
     )
     timings["federated_s"] = time.perf_counter() - t1
-    if not (run_dir / "model.pt").is_file():
-        raise SimulationError(
-            f"{run_dir}: the federated run left no model; see {out / 'flower' / 'run.log'}"
-        )
     return finish_report(out, run_dir, timings=timings, skipped=skipped)
 
 

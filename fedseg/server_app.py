@@ -36,8 +36,9 @@ class RoundWriter:
         write_json(self.run_dir / "metrics.json", self.payload())
         record = self.book.rounds.get(server_round)
         for site, scores in sorted(record.sites.items()) if record else []:
-            dice = " ".join(f"{r} {v:.3f}" for r, v in scores["dice"].items())
-            log(INFO, "fedseg round %d: %s Dice %s", server_round, site, dice)
+            dice = " ".join(f"{r} {v:.3f}" for r, v in scores.get("dice", {}).items())
+            shown = dice or f"withheld ({scores['n_cases']} cases < min-cases-to-report)"
+            log(INFO, "fedseg round %d: %s Dice %s", server_round, site, shown)
         return None
 
     def payload(self) -> dict[str, object]:
@@ -59,6 +60,19 @@ def main(grid: Grid, context: Context) -> None:
     """Run the study (or evaluation) the run config describes; leave artefacts in ``run-dir``."""
     run = RunConfig.from_flower(context.run_config)
     run_dir = Path(run.run_dir) if run.run_dir else Path.cwd() / "runs" / f"run-{context.run_id}"
+    # `flwr run --stream` exits 0 even when this function raises, so the outcome is a file.
+    status = run_dir / "status.json"
+    status.unlink(missing_ok=True)
+    try:
+        run_study(run, run_dir, grid)
+    except Exception as err:
+        write_json(status, {"status": "failed", "reason": f"{type(err).__name__}: {err}"})
+        raise
+    write_json(status, {"status": "completed"})
+
+
+def run_study(run: RunConfig, run_dir: Path, grid: Grid) -> None:
+    """Rounds of training (or one of evaluation), then the final model and metrics."""
     book = MetricsBook()
     writer = RoundWriter(run_dir, book, run)
     model = initial_model(run)

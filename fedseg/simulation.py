@@ -8,6 +8,7 @@ and it is stopped (with every process below it) on success, error and Ctrl-C.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -157,8 +158,24 @@ def _wait_until_listening(proc: subprocess.Popen[bytes], port: int, log_path: Pa
     raise SimulationError(f"{log_path}: flower-superlink did not listen on port {port} in 60 s")
 
 
+def check_status(run_dir: Path) -> None:
+    """Raise unless the ServerApp finished (``flwr run`` itself exits 0 on a failed run)."""
+    path = run_dir / "status.json"
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise SimulationError(f"{path}: missing; the ServerApp did not finish") from None
+    if status.get("status") != "completed":
+        raise SimulationError(f"{path}: the run failed: {status.get('reason', 'unknown')}")
+
+
 def run_simulation(spec: SimulationSpec, *, on_line: Callable[[str], None]) -> None:
-    """Run the study on ``num_supernodes`` virtual SuperNodes; stream Flower's log lines."""
+    """Run the study on ``num_supernodes`` virtual SuperNodes; stream Flower's log lines.
+
+    Raises :class:`SimulationError` when Flower could not run it or the ServerApp failed.
+    """
+    if not spec.run.run_dir:
+        raise SimulationError("run-dir must be set: the run's outcome is read from it")
     spec.work_dir.mkdir(parents=True, exist_ok=True)
     run_config = spec.work_dir / "run-config.toml"
     run_config.write_text(tomli_w.dumps(spec.run.to_flower()))
@@ -186,3 +203,4 @@ def run_simulation(spec: SimulationSpec, *, on_line: Callable[[str], None]) -> N
                 raise SimulationError(f"`flwr run` exited with {proc.returncode}")
         finally:
             stop_process_tree(proc)
+    check_status(Path(spec.run.run_dir))

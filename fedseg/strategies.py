@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from evaluation.regions import REGION_NAMES
+from evaluation.summary import STATISTICS
 from fedseg.config import RunConfig
 
 
@@ -27,17 +28,21 @@ class RoundRecord:
     train: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
 
+    def reported(self) -> list[dict[str, Any]]:
+        """Sites that sent scores (not withheld for too few cases)."""
+        return [s for s in self.sites.values() if not s.get("withheld")]
+
     def pooled(self) -> dict[str, dict[str, float]]:
-        """Case-weighted means over sites, i.e. the mean over all validation cases."""
-        total = sum(s["n_cases"] for s in self.sites.values())
+        """Case-weighted means over reporting sites, i.e. the mean over their cases."""
+        sites = self.reported()
+        total = sum(s["n_cases"] for s in sites)
         if total == 0:
             return {}
         return {
             metric: {
-                r: sum(s[metric][r] * s["n_cases"] for s in self.sites.values()) / total
-                for r in REGION_NAMES
+                r: sum(s[metric][r] * s["n_cases"] for s in sites) / total for r in REGION_NAMES
             }
-            for metric in ("dice", "hd95")
+            for metric in METRICS
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -45,7 +50,7 @@ class RoundRecord:
         return {
             "round": self.round,
             "sites": self.sites,
-            "pooled": {"n_cases": sum(s["n_cases"] for s in self.sites.values()), **self.pooled()},
+            "pooled": {"n_cases": sum(s["n_cases"] for s in self.reported()), **self.pooled()},
             "train": self.train,
             "failures": self.failures,
         }
@@ -96,21 +101,48 @@ class MetricsBook:
             }
 
     def record_evaluate(self, server_round: int, replies: list[Message]) -> None:
-        """Note each site's validation scores on its own held-out cases, or its failure."""
+        """Note each site's validation summary on its own held-out cases, or its failure.
+
+        A site below its minimum case count sends only the count: it is recorded as withheld
+        and left out of the pooled values.
+        """
         record = self._round(server_round)
         for site, m, identity in self._successes(record, replies, "evaluate"):
-            record.sites[site] = {
-                "n_cases": int(m["num-examples"]),  # type: ignore[arg-type]
-                "dice": {r: float(m[f"dice-{r}"]) for r in REGION_NAMES},  # type: ignore[arg-type]
-                "hd95": {r: float(m[f"hd95-{r}"]) for r in REGION_NAMES},  # type: ignore[arg-type]
+            n_cases = int(m["num-examples"])  # type: ignore[arg-type]
+            entry: dict[str, Any] = {
+                "n_cases": n_cases,
                 "fingerprint": str(identity["fingerprint"]),
             }
+            if f"dice-{REGION_NAMES[0]}-mean" not in m:
+                entry["withheld"] = True
+                entry["summary"] = {
+                    r: {k: {"count": n_cases} for k in METRICS} for r in REGION_NAMES
+                }
+            else:
+                entry["summary"] = {
+                    r: {k: _statistics(m, f"{k}-{r}", n_cases) for k in METRICS}
+                    for r in REGION_NAMES
+                }
+                for k in METRICS:
+                    entry[k] = {r: entry["summary"][r][k]["mean"] for r in REGION_NAMES}
+            record.sites[site] = entry
 
     def to_json(self) -> dict[str, Any]:
         """``{"rounds": [...], "final": <last round with validation results>}``."""
         rounds = [self.rounds[r].to_json() for r in sorted(self.rounds)]
         validated = [r for r in rounds if r["sites"]]
         return {"rounds": rounds, "final": validated[-1] if validated else None}
+
+
+METRICS = ("dice", "hd95")
+
+
+def _statistics(m: MetricRecord, prefix: str, n_cases: int) -> dict[str, Any]:
+    stats: dict[str, Any] = {"count": n_cases}
+    for stat in STATISTICS:
+        value = m.get(f"{prefix}-{stat}")
+        stats[stat] = None if value is None else float(value)  # type: ignore[arg-type]
+    return stats
 
 
 def declined_reason(msg: Message) -> str | None:
@@ -139,10 +171,14 @@ class _Recording:
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = list(replies)
-        self.book.record_evaluate(server_round, replies)
-        accepted = [m for m in replies if declined_reason(m) is None]
-        return super().aggregate_evaluate(server_round, accepted)  # type: ignore[misc,no-any-return]
+        # Not FedAvg's own aggregation: a site withholding its scores sends other metric keys
+        # than the rest, which Flower's consistency check refuses; the pooled values are ours.
+        self.book.record_evaluate(server_round, list(replies))
+        record = self.book.rounds[server_round]
+        pooled = {f"{k}-{r}": v for k, by in record.pooled().items() for r, v in by.items()}
+        return MetricRecord(
+            {"num-examples": sum(s["n_cases"] for s in record.reported()), **pooled}
+        )
 
 
 class RecordingFedAvg(_Recording, FedAvg):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from data_adapters.manifest import SiteManifest
-from evaluation.metrics import RegionScore, region_scores
+from evaluation.metrics import CaseRegionScores, case_scores
 from evaluation.regions import REGION_NAMES
+from evaluation.summary import summarise_cases
 from fedseg.task.data import case_items, load_case
 from fedseg.task.infer import predict_labels
 
@@ -23,8 +25,13 @@ class SiteValidation:
     n_cases: int
     dice: dict[str, float]
     hd95: dict[str, float]
-    per_case: dict[str, dict[str, RegionScore]]
+    per_case: dict[str, dict[str, CaseRegionScores]]
     seconds: float
+
+    def summary(self, *, min_cases: int) -> dict[str, Any]:
+        """Count, mean, median, std, p5, p95 per region and metric; only the count below
+        ``min_cases`` so that no single patient's result can be read off."""
+        return summarise_cases(self.per_case, metrics=("dice", "hd95"), min_cases=min_cases)
 
 
 def validate_site(
@@ -39,11 +46,11 @@ def validate_site(
     ids = list(manifest.validation_cases if case_ids is None else case_ids)
     if not ids:
         raise ValueError(f"{manifest.site_dir}: no validation cases in the manifest")
-    per_case: dict[str, dict[str, RegionScore]] = {}
+    per_case: dict[str, dict[str, CaseRegionScores]] = {}
     for item in case_items(manifest, ids):
         image, reference, spacing = load_case(item)
         prediction = predict_labels(model, image, roi_size=roi_size)
-        per_case[item["case_id"]] = region_scores(prediction, reference, spacing=spacing)
+        per_case[item["case_id"]] = case_scores(prediction, reference, spacing=spacing)
     return SiteValidation(
         n_cases=len(ids),
         dice={r: float(np.mean([s[r].dice for s in per_case.values()])) for r in REGION_NAMES},

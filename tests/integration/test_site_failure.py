@@ -38,6 +38,8 @@ def test_broken_site_is_recorded_by_name_and_others_are_aggregated(tmp_path: Pat
     final = metrics["final"]
     assert set(final["train"]) == {"hospital-a", "hospital-b"}
     assert set(final["sites"]) == {"hospital-a", "hospital-b"}
+    # One validation case each, below min-cases-to-report (3): only counts left the sites.
+    assert all(s["withheld"] and "dice" not in s for s in final["sites"].values())
     failures = {(f["site"], f["phase"]) for f in final["failures"]}
     assert failures == {("hospital-c", "train"), ("hospital-c", "evaluate")}
     # The server learns that the site declined, not which file (paths can carry patient ids);

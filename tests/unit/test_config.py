@@ -73,3 +73,16 @@ def test_study_presets_are_valid_run_configs(preset: Path) -> None:
 
     # The U-Net needs patches divisible by its total downsampling.
     assert run.patch_size % math.prod(get_preset(run.model_preset).strides) == 0
+
+
+def test_simulation_outcome_is_read_from_the_status_file(tmp_path: Path) -> None:
+    from fedseg.artifacts import write_json
+    from fedseg.simulation import SimulationError, check_status
+
+    with pytest.raises(SimulationError, match="did not finish"):
+        check_status(tmp_path)
+    write_json(tmp_path / "status.json", {"status": "failed", "reason": "KeyError: 'dice'"})
+    with pytest.raises(SimulationError, match="KeyError: 'dice'"):
+        check_status(tmp_path)
+    write_json(tmp_path / "status.json", {"status": "completed"})
+    check_status(tmp_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import (
@@ -50,10 +52,11 @@ def _train_reply(node: int, site: str, value: float, n_cases: int) -> Message:
 
 
 def _eval_reply(node: int, site: str, dice: float, n_cases: int) -> Message:
-    values: dict[str, float | int] = {"num-examples": n_cases, "seconds": 1.0}
+    values: dict[str, float | int] = {"num-examples": n_cases}
     for region in ("WT", "TC", "ET"):
-        values[f"dice-{region}"] = dice
-        values[f"hd95-{region}"] = 10 * dice
+        for stat in ("mean", "median", "p5", "p95"):
+            values[f"dice-{region}-{stat}"] = dice
+            values[f"hd95-{region}-{stat}"] = 10 * dice
     content = RecordDict(
         {"metrics": MetricRecord(values), "site": ConfigRecord({"site": site, "fingerprint": "f"})}
     )
@@ -162,3 +165,48 @@ def test_evaluation_only_run_sends_no_training_message() -> None:
             return [1, 2]
 
     assert list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid())) == []  # type: ignore[arg-type]
+
+
+def test_site_below_min_cases_is_withheld_and_left_out_of_pooling() -> None:
+    strategy = _strategy("fedavg")
+    withheld = Message(
+        RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": 2}),
+                "site": ConfigRecord({"site": "hospital-b", "fingerprint": "f"}),
+            }
+        ),
+        reply_to=_instruction(8, MessageType.EVALUATE),
+    )
+    # Different metric keys per site must not trip Flower's consistency check.
+    pooled = strategy.aggregate_evaluate(1, [_eval_reply(7, "hospital-a", 0.8, 5), withheld])
+    assert pooled is not None and pooled["dice-WT"] == pytest.approx(0.8)
+    record = strategy.book.to_json()["final"]
+    assert record["sites"]["hospital-b"]["withheld"] is True
+    assert "dice" not in record["sites"]["hospital-b"]
+    assert record["sites"]["hospital-b"]["summary"]["ET"]["dice"] == {"count": 2}
+    assert record["pooled"]["n_cases"] == 5
+    assert record["sites"]["hospital-a"]["summary"]["WT"]["dice"]["median"] == pytest.approx(0.8)
+
+
+def test_withheld_site_renders_in_the_report(tmp_path: Path) -> None:
+    from evaluation.report import write_report
+
+    strategy = _strategy("fedavg")
+    strategy.aggregate_train(1, [_train_reply(7, "hospital-a", 1.0, 4)])
+    withheld = Message(
+        RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": 1}),
+                "site": ConfigRecord({"site": "hospital-b", "fingerprint": "f"}),
+            }
+        ),
+        reply_to=_instruction(8, MessageType.EVALUATE),
+    )
+    strategy.aggregate_evaluate(1, [_eval_reply(7, "hospital-a", 0.7, 4), withheld])
+    files = write_report(
+        {"config": RunConfig().to_flower(), **strategy.book.to_json()}, tmp_path, title="t"
+    )
+    text = files.html.read_text()
+    assert "hospital-b" in text and "n &lt; min cases" in text  # escaped HTML
+    assert "0.700" in text
