@@ -7,12 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from data_adapters.manifest import SiteManifest
 from evaluation.metrics import CaseRegionScores, case_scores
-from evaluation.regions import REGION_NAMES
 from evaluation.summary import summarise_cases
 from fedseg.task.data import case_items, load_case
 from fedseg.task.infer import predict_labels
@@ -20,11 +18,9 @@ from fedseg.task.infer import predict_labels
 
 @dataclass(frozen=True, kw_only=True)
 class SiteValidation:
-    """Per-region means over a site's validation cases, plus per-case scores kept locally."""
+    """Per-case scores of a site's validation cases; they stay local, :meth:`summary` may leave."""
 
     n_cases: int
-    dice: dict[str, float]
-    hd95: dict[str, float]
     per_case: dict[str, dict[str, CaseRegionScores]]
     seconds: float
 
@@ -53,8 +49,6 @@ def validate_site(
         per_case[item["case_id"]] = case_scores(prediction, reference, spacing=spacing)
     return SiteValidation(
         n_cases=len(ids),
-        dice={r: float(np.mean([s[r].dice for s in per_case.values()])) for r in REGION_NAMES},
-        hd95={r: float(np.mean([s[r].hd95 for s in per_case.values()])) for r in REGION_NAMES},
         per_case=per_case,
         seconds=time.perf_counter() - start,
     )
