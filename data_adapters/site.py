@@ -120,9 +120,9 @@ def harmonise_site(
         or when no labelled case could be harmonised.
     """
     raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
-    if not 0.0 <= validation_fraction < 1.0:
+    if not 0.0 <= validation_fraction <= 1.0:
         raise DataError(
-            raw_dir, f"validation fraction must be in [0, 1), got {validation_fraction}"
+            raw_dir, f"validation fraction must be in [0, 1], got {validation_fraction}"
         )
     options = CaseOptions(register=register, min_size=min_size, min_shape_mm=min_shape_mm)
     try:
@@ -172,10 +172,13 @@ def make_split(labelled: Sequence[str], *, validation_fraction: float, seed: int
     """Seeded train / validation split of the labelled case ids.
 
     ``round(validation_fraction * n)`` validation cases (Python rounding), at
-    least 1 when ``n >= 2`` and at most ``n - 1`` so training is never empty.
+    least 1 when ``n >= 2`` and at most ``n - 1`` so training is never empty;
+    except that a fraction of 1 holds every case out: an evaluation-only site.
     """
     ids = sorted(labelled)
     n = len(ids)
+    if validation_fraction >= 1.0:
+        return Split(seed, 1.0, (), tuple(ids))
     n_val = min(max(round(validation_fraction * n), 1), n - 1) if n >= 2 else 0
     chosen = np.random.default_rng(seed).permutation(n)[:n_val]
     validation = sorted(ids[i] for i in chosen)

@@ -58,8 +58,9 @@ def _check_manifest(manifest: SiteManifest, path: Path) -> None:
     if len(set(ids)) != len(ids):
         raise DataError(path, "duplicate case ids")
     train, validation = manifest.train_cases, manifest.validation_cases
-    if not train:
-        raise DataError(path, "training split is empty")
+    # An evaluation-only site holds every case out (validation fraction 1): no training split.
+    if not train and not validation:
+        raise DataError(path, "both the training and the validation split are empty")
     overlap = sorted(set(train) & set(validation))
     if overlap:
         raise DataError(path, f"cases in both training and validation: {overlap}")

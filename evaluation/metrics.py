@@ -19,6 +19,12 @@ Conventions (the BraTS 2023 metric code's, ``rachitsaluja/BraTS-2023-Metrics``):
   ``compute_hausdorff_distance`` counts boundary voxels instead, which gives other numbers
   (on test shapes 0.2-0.8 mm larger at 1 mm spacing, and far off when a small false blob
   holds more than 5 % of the boundary voxels but not of the surface area).
+  Why this definition: weighting by surface area makes the percentile a property of the
+  surface rather than of the grid, so it stays right on anisotropic, thick-slice data (a
+  voxel count over-weights the faces of long voxels), and it is what the BraTS 2021-2023
+  leaderboards report. BraTS 2025's package (``brats-evaluation``, on panoptica) pools
+  border-voxel distances instead and, in its global HD95, ignores the spacing; the optional
+  ``tests/unit/test_brats_reference.py`` pins the differences.
 - Sensitivity TP / (TP + FN); with an empty reference it is 1 when the prediction is empty
   too and 0 otherwise (BraTS divides by ``TP + FN + eps``, which gives exactly that).
 - Specificity TN / (TN + FP) over every voxel of the grid, background included (as BraTS:

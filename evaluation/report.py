@@ -195,6 +195,8 @@ class SiteFacts:
     fingerprint: str
     rounds_trained: int
     mean_train_seconds: float | None
+    # Phases the site sat out by its own choice, e.g. "train: evaluation only".
+    sat_out: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,6 +226,7 @@ class RunView:
     facts: list[tuple[str, str]]
     sites: list[SiteFacts]
     final_round: int | None
+    final_heading: str
     rows: list[Row]
     rounds_recorded: int
     failures: list[Failure]
@@ -255,11 +258,14 @@ def build_view(
             rows.append(_row(name, entry))
         rows.append(_row("pooled", final.get("pooled") or {}, pooled=True))
     sites = _site_facts(rounds, final)
+    final_round = final.get("round") if final else None
+    cross = metrics.get("mode") == "cross-site"
     return RunView(
         title=title,
         facts=_facts(metrics, sites, extra),
         sites=sites,
-        final_round=final.get("round") if final else None,
+        final_round=final_round,
+        final_heading="The global model at each site" if cross else f"Final round ({final_round})",
         rows=rows,
         rounds_recorded=len(rounds),
         failures=_failures(rounds),
@@ -289,13 +295,26 @@ def _row(name: str, entry: dict[str, Any], *, pooled: bool = False) -> Row:
 
 
 def _site_facts(rounds: list[dict[str, Any]], final: dict[str, Any] | None) -> list[SiteFacts]:
-    names = sorted({s for r in rounds for key in ("sites", "train") for s in r.get(key) or {}})
+    final_sites = (final or {}).get("sites") or {}
+    sat_out: dict[str, set[str]] = {}
+    for entry in [*rounds, *([final] if final else [])]:
+        for a in entry.get("abstained") or []:
+            if isinstance(a, dict):
+                sat_out.setdefault(str(a.get("site", "?")), set()).add(
+                    f"{a.get('phase', '?')}: {a.get('reason', '')}"
+                )
+    names = sorted(
+        {s for r in rounds for key in ("sites", "train") for s in r.get(key) or {}}
+        | set(final_sites)
+        | set(sat_out)
+    )
     facts = []
     for name in names:
         validated = [r["sites"][name] for r in rounds if name in (r.get("sites") or {})]
+        validated += [final_sites[name]] if name in final_sites else []
         trained = [r["train"][name] for r in rounds if name in (r.get("train") or {})]
         seconds = [s for t in trained if (s := _num(t.get("seconds"))) is not None]
-        last_val = ((final or {}).get("sites") or {}).get(name) or (validated or [{}])[-1]
+        last_val = final_sites.get(name) or (validated or [{}])[-1]
         fingerprint = next(
             (v["fingerprint"] for v in reversed(validated) if "fingerprint" in v), ""
         )
@@ -306,6 +325,7 @@ def _site_facts(rounds: list[dict[str, Any]], final: dict[str, Any] | None) -> l
             fingerprint=str(fingerprint)[:FINGERPRINT_CHARS],
             rounds_trained=len(trained),
             mean_train_seconds=sum(seconds) / len(seconds) if seconds else None,
+            sat_out="; ".join(sorted(sat_out.get(name, ()))),
         )
         facts.append(site)
     return facts

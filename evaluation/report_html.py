@@ -151,7 +151,7 @@ def html_report(view: RunView, figures: Figures) -> str:
     """The run report as one self-contained HTML page."""
     sections = [
         ("sites", "Sites", _sites(view)),
-        ("final", "Final round", _final(view, figures)),
+        ("final", view.final_heading, _final(view, figures)),
         ("curves", "Learning curves", _curves(figures)),
         ("failures", "Failures", _failures(view)),
     ]
@@ -176,6 +176,7 @@ def _sites(view: RunView) -> Markup:
             _num(s.rounds_trained),
             _num(None if s.mean_train_seconds is None else f"{s.mean_train_seconds:.1f}"),
             Markup(f'<td class="mono">{esc(s.fingerprint or "—")}</td>'),
+            s.sat_out or "—",
         ]
         for s in view.sites
     ]
@@ -186,6 +187,7 @@ def _sites(view: RunView) -> Markup:
         "rounds trained",
         "mean local training (s)",
         "dataset fingerprint (short)",
+        "sat out (the site's choice)",
     ]
     return table(headers, rows) if rows else Markup('<p class="note">No site took part.</p>')
 
@@ -194,8 +196,8 @@ def _final(view: RunView, figures: Figures) -> Markup:
     if view.final_round is None:
         return Markup('<p class="note">No validation results were recorded.</p>')
     parts = [
-        f"<p>Round {view.final_round}: each site validates the global model on its own held-out "
-        "cases; <b>pooled</b> is the case-weighted mean over sites.</p>"
+        f"<p>{esc(view.final_heading)}: each site validates the global model on its own "
+        "held-out cases; <b>pooled</b> is the case-weighted mean over sites.</p>"
     ]
     classes = ["pooled" if r.pooled else "" for r in view.rows]
     for metric, (label, digits) in METRICS.items():
@@ -303,16 +305,22 @@ def markdown_text(view: RunView) -> str:
     """The run report for terminals: facts, final table, failures, cross-site tables, config."""
     lines = [f"# {view.title}", "", *(f"- {k}: {v}" for k, v in view.facts), ""]
     lines += _md_table(
-        ["site", "validation cases", "training cases", "fingerprint"],
+        ["site", "validation cases", "training cases", "fingerprint", "sat out"],
         [
-            [s.name, _dash(s.validation_cases), _dash(s.train_cases), s.fingerprint or "—"]
+            [
+                s.name,
+                _dash(s.validation_cases),
+                _dash(s.train_cases),
+                s.fingerprint or "—",
+                s.sat_out or "—",
+            ]
             for s in view.sites
         ],
     )
     if view.final_round is None:
         lines += ["", "No validation results were recorded."]
     else:
-        lines += ["", f"## Final round ({view.final_round}): validation at each site", ""]
+        lines += ["", f"## {view.final_heading}: validation at each site", ""]
         lines += _md_final_table(view)
     lines += ["", f"Failures recorded: {len(view.failures)}"]
     lines += [f"- round {f.round}, {f.site} ({f.phase}): {f.reason}" for f in view.failures[:50]]
@@ -324,12 +332,13 @@ def markdown_text(view: RunView) -> str:
     if view.cross_site:
         lines += ["", "## Cross-site evaluation (rows: trained on, columns: evaluated at)"]
         for metric, by_region in view.cross_site.matrices.items():
+            label, digits = METRICS[metric]
             for region, matrix in by_region.items():
-                lines += ["", f"{region} {METRICS[metric][0]}", ""]
+                lines += ["", f"{region} {label}", ""]
                 lines += _md_table(
                     ["model \\ site", *view.cross_site.sites],
                     [
-                        [m, *("—" if v is None else f"{v:.3f}" for v in row)]
+                        [m, *("—" if v is None else f"{v:.{digits}f}" for v in row)]
                         for m, row in zip(view.cross_site.models, matrix, strict=True)
                     ],
                 )

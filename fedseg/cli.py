@@ -172,7 +172,12 @@ def harmonise(
         str | None, typer.Option(help="Layout name or mapping .toml; detected when omitted.")
     ] = None,
     spacing: Annotated[float, typer.Option(help="Target isotropic spacing in mm.")] = 1.0,
-    validation_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.25,
+    validation_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Cases held out for validation; 1 = an evaluation-only site."
+        ),
+    ] = 0.25,
     seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 0,
     strict: Annotated[bool, typer.Option(help="Any bad case is fatal.")] = False,
     register: Annotated[
@@ -270,15 +275,55 @@ def evaluate(
     model: Annotated[Path, typer.Option(help="Model weights (model.pt, with model.json beside).")],
     sites: Annotated[Path, typer.Option(help="Folder of canonical site folders.")],
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("evaluation-run"),
+    cross_site: Annotated[
+        bool,
+        typer.Option(
+            help="Also train one model per site alone and validate every model at every site"
+            " (a models x sites matrix)."
+        ),
+    ] = False,
+    local_rounds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Cross-site: rounds of local training [default: MODEL's]."),
+    ] = None,
+    local_steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Cross-site: steps per round [default: MODEL's]."),
+    ] = None,
+    min_cases_to_report: Annotated[
+        int,
+        typer.Option(min=1, help="A site with fewer validation cases sends only their count."),
+    ] = 3,
 ) -> None:
-    """Federated validation: every site scores MODEL on its own validation cases, trains nothing."""
-    from fedseg.evaluate import model_settings, run_evaluation
+    """Federated validation: every site scores MODEL on its own validation cases, trains nothing.
+
+    Only aggregate metrics leave a site (per-case values only where its site.toml allows it);
+    with --cross-site each site also trains a model on its own data, with MODEL's training
+    budget, and every model is validated at every site.
+    """
+    from fedseg.evaluate import CrossSitePlan, model_settings, run_evaluation
 
     model_settings(model)  # a wrong model is refused before anything is written
+    plan = CrossSitePlan(rounds=local_rounds, local_steps=local_steps) if cross_site else None
+    if not cross_site and (local_rounds or local_steps):
+        raise typer.BadParameter("--local-rounds and --local-steps need --cross-site")
     with _flower_log(out / "flower" / "run.log") as on_log:
-        metrics = run_evaluation(model=model, sites_dir=sites, out=out, on_log=on_log)
+        metrics = run_evaluation(
+            model=model, sites_dir=sites, out=out, on_log=on_log, cross_site=plan,
+            min_cases_to_report=min_cases_to_report,
+        )  # fmt: skip
     _print_final(metrics)
+    if metrics.get("cross_site"):
+        _print_cross_site(metrics["cross_site"])
     console.print(f"[green]done[/green]: {out / 'report.html'}, {out / 'metrics.json'}")
+
+
+def _print_cross_site(cross: dict[str, Any]) -> None:
+    console.print("  WT Dice, trained on (rows) x validated at (columns):")
+    console.print("  " + " " * 14 + "".join(f"{s[:12]:>13}" for s in cross["sites"]))
+    for name, row in zip(cross["models"], cross["dice"]["WT"], strict=True):
+        cells = "".join(f"{'-' if v is None else f'{v:.3f}':>13}" for v in row)
+        console.print(f"  {name:<14}{cells}", highlight=False)
 
 
 @app.command()

@@ -8,6 +8,7 @@ Everything downstream receives these typed objects, never the raw mappings.
 from __future__ import annotations
 
 import hashlib
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 Scalar = bool | int | float | str | bytes
 
 STRATEGIES = ("fedavg", "fedprox")
-MODES = ("train", "evaluate")
+MODES = ("train", "evaluate", "cross-site")
 
 
 class ConfigError(ValueError):
@@ -54,12 +55,14 @@ class RunConfig:
     run_dir: str = ""
     sim_sites_dir: str = ""
     sim_client_threads: int = 1
+    # Seconds to wait for min-train-sites sites to connect before giving up with an error.
+    wait_for_sites: int = 600
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode '{self.mode}' unknown; choose from {MODES}")
-        if self.mode == "evaluate" and not self.initial_model:
-            raise ConfigError("mode 'evaluate' needs initial-model (the weights to validate)")
+        if self.mode != "train" and not self.initial_model:
+            raise ConfigError(f"mode '{self.mode}' needs initial-model (the weights to validate)")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy '{self.strategy}' unknown; choose from {STRATEGIES}")
         if self.num_server_rounds < 1 or self.local_steps < 1 or self.batch_size < 1:
@@ -87,23 +90,58 @@ class RunConfig:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
 
+#: The file in a site folder (simulation) or named by ``fedseg client`` (deployment) that holds
+#: the site's own settings. It stays at the site: the app bundle never includes it.
+SITE_CONFIG_NAME = "site.toml"
+# Node-config keys a site may set (``--node-config`` or the flattened site.toml). An unknown key
+# is refused: a misspelt ``trian = false`` must not silently leave a site training.
+_SITE_KEYS = (
+    "data-path",
+    "num-threads",
+    "train",
+    "evaluate",
+    "share-per-case",
+    "share-local-model",
+)
+# What Flower itself puts in a simulated node's config.
+_FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Consent:
+    """What a site agrees to take part in. The site decides; the server can only ask.
+
+    Defaults are a training site that validates and shares aggregate metrics only.
+    ``train = false`` makes an evaluation-only site (the seed paper's institutions that only
+    validate). ``share_local_model`` covers cross-site validation, where a model trained on
+    this site's data alone is sent to the other sites: more revealing than a federated
+    update, so a site can refuse it.
+    """
+
+    train: bool = True
+    evaluate: bool = True
+    share_per_case: bool = False
+    share_local_model: bool = True
+
+
 @dataclass(frozen=True, kw_only=True)
 class SiteConfig:
-    """One site's own settings, from its SuperNode's node config."""
+    """One site's own settings, from its SuperNode's node config or its ``site.toml``."""
 
     data_path: Path
     num_threads: int = 0
+    consent: Consent = Consent()
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object], run: RunConfig) -> SiteConfig:
-        """Resolve the site folder.
+        """Resolve the site folder and its settings.
 
-        A deployed SuperNode names its folder (``data-path``); a simulated one only has a
-        partition id, which picks the n-th canonical site under ``sim-sites-dir``.
+        A deployed SuperNode names its folder (``data-path``) and settings in its node
+        config; a simulated one only has a partition id, which picks the n-th canonical site
+        under ``sim-sites-dir``, whose optional ``site.toml`` holds its settings.
         """
         if "data-path" in node_config:
-            threads = _get(node_config, "num-threads", int, 0)
-            return cls(data_path=Path(str(node_config["data-path"])), num_threads=int(threads))  # type: ignore[call-overload]
+            return cls.from_mapping(node_config, source="node config")
         if "partition-id" not in node_config or not run.sim_sites_dir:
             raise ConfigError("node config has neither 'data-path' nor a simulation partition")
         sites = simulation_sites(Path(run.sim_sites_dir))
@@ -112,7 +150,49 @@ class SiteConfig:
             raise ConfigError(
                 f"{run.sim_sites_dir}: partition {index} but only {len(sites)} site folders"
             )
-        return cls(data_path=sites[index], num_threads=run.sim_client_threads)
+        settings: dict[str, object] = {"num-threads": run.sim_client_threads}
+        settings |= read_site_toml(sites[index] / SITE_CONFIG_NAME)
+        settings["data-path"] = str(sites[index])
+        return cls.from_mapping(settings, source=str(sites[index] / SITE_CONFIG_NAME))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object], *, source: str) -> SiteConfig:
+        """Parse flat site keys (``data-path``, ``train``, ``share-per-case``, ...)."""
+        unknown = sorted(set(values) - set(_SITE_KEYS) - set(_FLOWER_NODE_KEYS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown site setting(s) {unknown}; known: {_SITE_KEYS}")
+        try:
+            consent = {
+                f.name: _get(values, f.name.replace("_", "-"), bool, f.default)
+                for f in fields(Consent)
+            }
+            threads = _get(values, "num-threads", int, 0)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        return cls(
+            data_path=Path(str(values["data-path"])),
+            num_threads=int(threads),  # type: ignore[call-overload]
+            consent=Consent(**consent),  # type: ignore[arg-type]
+        )
+
+
+def read_site_toml(path: Path) -> dict[str, object]:
+    """A site's ``site.toml`` flattened to node-config keys; ``{}`` when there is none.
+
+    ``[site]`` holds ``data-path`` and ``num-threads``, ``[consent]`` the four consent keys.
+    """
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    flat: dict[str, object] = {}
+    for table, values in data.items():
+        if table not in ("site", "consent") or not isinstance(values, dict):
+            raise ConfigError(f"{path}: unknown table [{table}]; expected [site] and [consent]")
+        flat |= values
+    return flat
 
 
 def simulation_sites(root: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Flower ServerApp: strategy from the run config, rounds, checkpoints, per-site metrics."""
+"""Flower ServerApp: strategy from the run config, rounds, checkpoints, per-site metrics;
+evaluation-only and cross-site validation runs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from data_adapters.sources import sha256_file
 from fedseg import __version__
 from fedseg.artifacts import load_weights, save_weights, write_json
 from fedseg.config import RunConfig
+from fedseg.cross_site import run_cross_site
 from fedseg.strategies import MetricsBook, build_strategy
 from fedseg.task.model import build_model
 
@@ -72,10 +74,24 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_study(run: RunConfig, run_dir: Path, grid: Grid) -> None:
-    """Rounds of training (or one of evaluation), then the final model and metrics."""
+    """Rounds of training (or one of evaluation, or cross-site validation), then the final
+    model and metrics."""
     book = MetricsBook()
     writer = RoundWriter(run_dir, book, run)
     model = initial_model(run)
+    if run.mode == "cross-site":
+        # Local models start where the study started: the preset's seeded initialisation.
+        start = build_model(run.model_preset, seed=run.seed).state_dict()
+        cross = run_cross_site(
+            grid, run=run, start=ArrayRecord(start), global_model=ArrayRecord(model.state_dict()),
+            book=book,
+        )  # fmt: skip
+        save_local_models(run_dir, run, cross.local_models)
+        payload = writer.payload()
+        payload["final"] = cross.evaluation.to_json()
+        payload["cross_site"] = cross.matrix()
+        write_json(run_dir / "metrics.json", payload)
+        return
     result = build_strategy(run, book=book).start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
@@ -109,15 +125,32 @@ def save_final_model(run_dir: Path, run: RunConfig, book: MetricsBook, arrays: A
         failures = [f for r in book.rounds.values() for f in r.failures]
         reason = failures[0]["reason"] if failures else "no site replied"
         raise RuntimeError(f"no site completed a training round (first failure: {reason})")
-    digest = save_weights(run_dir / "model.pt", arrays.to_torch_state_dict())
+    save_model(run_dir / "model.pt", arrays, run=run, trained_on="federation")
+
+
+def save_local_models(run_dir: Path, run: RunConfig, models: dict[str, ArrayRecord]) -> None:
+    """Each site's own model from cross-site validation, as ``local-models/<site>.pt``."""
+    for site, arrays in models.items():
+        save_model(run_dir / "local-models" / f"{site}.pt", arrays, run=run, trained_on=site)
+
+
+def save_model(path: Path, arrays: ArrayRecord, *, run: RunConfig, trained_on: str) -> None:
+    """Weights plus the ``.json`` beside them that names the network and how it was trained
+    (what ``fedseg evaluate`` and cross-site validation read)."""
+    digest = save_weights(path, arrays.to_torch_state_dict())
     write_json(
-        run_dir / "model.json",
+        path.with_suffix(".json"),
         {
-            "weights": "model.pt",
+            "weights": path.name,
             "sha256": digest,
             "model_preset": run.model_preset,
             "patch_size": run.patch_size,
             "rounds": run.num_server_rounds,
+            "local_steps": run.local_steps,
+            "batch_size": run.batch_size,
+            "learning_rate": run.learning_rate,
+            "seed": run.seed,
+            "trained_on": trained_on,
             "fedseg_version": __version__,
         },
     )

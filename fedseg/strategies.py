@@ -15,8 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from evaluation.regions import REGION_NAMES
-from evaluation.summary import STATISTICS
 from fedseg.config import RunConfig
+from fedseg.records import METRICS, declined, site_entry
 
 
 @dataclass
@@ -27,6 +27,8 @@ class RoundRecord:
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
+    # Sites that sat a phase out by their own choice (evaluation-only, no consent): no failure.
+    abstained: list[dict[str, str]] = field(default_factory=list)
 
     def reported(self) -> list[dict[str, Any]]:
         """Sites that sent scores (not withheld for too few cases)."""
@@ -53,6 +55,7 @@ class RoundRecord:
             "pooled": {"n_cases": sum(s["n_cases"] for s in self.reported()), **self.pooled()},
             "train": self.train,
             "failures": self.failures,
+            "abstained": self.abstained,
         }
 
 
@@ -74,85 +77,64 @@ class MetricsBook:
             self.node_sites[node] = str(identity["site"])
         return self.node_sites.get(node, f"node-{node}")
 
-    def _successes(
+    def successes(
         self, record: RoundRecord, replies: list[Message], phase: str
-    ) -> Iterator[tuple[str, MetricRecord, ConfigRecord]]:
-        """Yield (site, metrics, identity) of good replies; note failures by site name."""
+    ) -> Iterator[tuple[Message, str, ConfigRecord]]:
+        """Yield (reply, site, identity) of good replies; note the others by site name."""
         for msg in replies:
-            reason = str(msg.error.reason) if msg.has_error() else declined_reason(msg)
-            if reason is not None:
-                record.failures.append(
-                    {"site": self._site_of(msg), "phase": phase, "reason": reason}
-                )
+            site = self._site_of(msg)
+            if msg.has_error():
+                reason = str(msg.error.reason)
+                record.failures.append({"site": site, "phase": phase, "reason": reason})
                 continue
-            metrics, identity = msg.content["metrics"], msg.content["site"]
-            assert isinstance(metrics, MetricRecord) and isinstance(identity, ConfigRecord)
-            yield self._site_of(msg), metrics, identity
+            no = declined(msg)
+            if no is not None:
+                kind, reason = no
+                into = record.abstained if kind == "abstain" else record.failures
+                into.append({"site": site, "phase": phase, "reason": reason})
+                continue
+            identity = msg.content["site"]
+            assert isinstance(identity, ConfigRecord)
+            yield msg, site, identity
 
-    def record_train(self, server_round: int, replies: list[Message]) -> None:
-        """Note each site's training summary, or its failure."""
+    def record_train(self, server_round: int, replies: list[Message]) -> dict[int, ArrayRecord]:
+        """Note each site's training summary, or its failure; return the trained arrays of
+        the good replies by node id."""
         record = self._round(server_round)
-        for site, m, _ in self._successes(record, replies, "train"):
+        trained: dict[int, ArrayRecord] = {}
+        for msg, site, _ in self.successes(record, replies, "train"):
+            m, arrays = msg.content["metrics"], msg.content["arrays"]
+            assert isinstance(m, MetricRecord) and isinstance(arrays, ArrayRecord)
             record.train[site] = {
                 "n_cases": int(m["num-examples"]),  # type: ignore[arg-type]
                 "loss": float(m["train-loss"]),  # type: ignore[arg-type]
                 "steps": int(m["local-steps"]),  # type: ignore[arg-type]
                 "seconds": float(m["train-seconds"]),  # type: ignore[arg-type]
             }
+            trained[msg.metadata.src_node_id] = arrays
+        return trained
 
-    def record_evaluate(self, server_round: int, replies: list[Message]) -> None:
-        """Note each site's validation summary on its own held-out cases, or its failure.
+    def record_evaluate(
+        self, server_round: int, replies: list[Message]
+    ) -> dict[str, dict[str, Any]]:
+        """Note each site's validation summary on its own held-out cases, or its failure;
+        return the entries by site.
 
         A site below its minimum case count sends only the count: it is recorded as withheld
         and left out of the pooled values.
         """
         record = self._round(server_round)
-        for site, m, identity in self._successes(record, replies, "evaluate"):
-            n_cases = int(m["num-examples"])  # type: ignore[arg-type]
-            entry: dict[str, Any] = {
-                "n_cases": n_cases,
-                "fingerprint": str(identity["fingerprint"]),
-            }
-            if f"dice-{REGION_NAMES[0]}-mean" not in m:
-                entry["withheld"] = True
-                entry["summary"] = {
-                    r: {k: {"count": n_cases} for k in METRICS} for r in REGION_NAMES
-                }
-            else:
-                entry["summary"] = {
-                    r: {k: _statistics(m, f"{k}-{r}", n_cases) for k in METRICS}
-                    for r in REGION_NAMES
-                }
-                for k in METRICS:
-                    entry[k] = {r: entry["summary"][r][k]["mean"] for r in REGION_NAMES}
-            record.sites[site] = entry
+        for msg, site, identity in self.successes(record, replies, "evaluate"):
+            m = msg.content["metrics"]
+            assert isinstance(m, MetricRecord)
+            record.sites[site] = site_entry(m, identity)
+        return record.sites
 
     def to_json(self) -> dict[str, Any]:
         """``{"rounds": [...], "final": <last round with validation results>}``."""
         rounds = [self.rounds[r].to_json() for r in sorted(self.rounds)]
         validated = [r for r in rounds if r["sites"]]
         return {"rounds": rounds, "final": validated[-1] if validated else None}
-
-
-METRICS = ("dice", "hd95")
-
-
-def _statistics(m: MetricRecord, prefix: str, n_cases: int) -> dict[str, Any]:
-    stats: dict[str, Any] = {"count": n_cases}
-    for stat in STATISTICS:
-        value = m.get(f"{prefix}-{stat}")
-        stats[stat] = None if value is None else float(value)  # type: ignore[arg-type]
-    return stats
-
-
-def declined_reason(msg: Message) -> str | None:
-    """Why a site declined this round (its data failed validation), or None."""
-    if msg.has_error() or "site" not in msg.content:
-        return None
-    identity = msg.content["site"]
-    assert isinstance(identity, ConfigRecord)
-    reason = identity.get("declined")
-    return None if reason is None else str(reason)
 
 
 class _Recording:
@@ -165,7 +147,7 @@ class _Recording:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self.book.record_train(server_round, replies)
-        accepted = [m for m in replies if declined_reason(m) is None]
+        accepted = [m for m in replies if declined(m) is None]
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc,no-any-return]
 
     def aggregate_evaluate(

@@ -15,7 +15,7 @@ from data_adapters.errors import DataError
 from data_adapters.geometry import ijk_array, ras_affine
 from data_adapters.harmonise import harmonise_case
 from data_adapters.layouts import MODALITIES, detect_layout, list_cases, scan_cases
-from data_adapters.manifest import load_manifest
+from data_adapters.manifest import Split, load_manifest
 from data_adapters.site import harmonise_site, make_split
 from data_adapters.validate import check_site
 
@@ -226,6 +226,9 @@ def test_split_is_seeded_and_disjoint() -> None:
     assert sorted(first.train + first.validation) == ids
     assert len(make_split(ids[:2], validation_fraction=0.1, seed=0).validation) == 1
     assert make_split(ids[:1], validation_fraction=0.5, seed=0).validation == ()
+    # Fraction 1: an evaluation-only site holds every case out, even a single one.
+    assert make_split(ids, validation_fraction=1.0, seed=0) == Split(0, 1.0, (), tuple(ids))
+    assert make_split(ids[:1], validation_fraction=1.0, seed=0).validation == ("c0",)
     assert any(
         make_split(ids, validation_fraction=0.3, seed=s).validation != first.validation
         for s in range(5)
@@ -280,8 +283,11 @@ def test_check_site_names_broken_split(harmonised: tuple[Path, Path], tmp_path: 
     _edit_manifest(site, {"validation": overlap})
     with pytest.raises(DataError, match="both training and validation"):
         check_site(site)
-    _edit_manifest(site, {"train": [], "validation": manifest.validation_cases})
-    with pytest.raises(DataError, match="training split is empty"):
+    # Every case held out is an evaluation-only site; nothing in either split is an error.
+    _edit_manifest(site, {"train": [], "validation": manifest.case_ids})
+    assert check_site(site).train_cases == []
+    _edit_manifest(site, {"train": [], "validation": []})
+    with pytest.raises(DataError, match="both the training and the validation split are empty"):
         check_site(site)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from evaluation.metrics import case_scores
 from evaluation.summary import summarise_cases
-from fedseg.client_app import summary_metrics
+from fedseg.records import summary_metrics
 
 
 def _per_case(n: int) -> dict[str, dict[str, object]]:

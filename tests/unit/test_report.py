@@ -175,7 +175,7 @@ def test_html_lists_every_site_and_pooled_with_their_numbers(
     assert final[0] == ["hospital-a", "3", "0.800", "0.600", "0.400"]
     assert final[2] == ["pooled", "4", "0.800", "0.600", "0.400"]
     assert final[4] == ["hospital-b", "1", "4.5", "4.0", "3.5"]
-    assert page.row("hospital-b") == ["hospital-b", "1", "9", "2", "2.0", "ffffffffffff"]
+    assert page.row("hospital-b") == ["hospital-b", "1", "9", "2", "2.0", "ffffffffffff", "—"]
     facts = " ".join(page.text)
     assert "fedavg" in facts and "2 recorded" in facts and "ffffffffffff" in facts
     assert page.row("strategy") == ["strategy", '"fedavg"']  # the configuration table
@@ -281,3 +281,37 @@ def test_a_run_without_validation_still_reports(tmp_path: Path) -> None:
     assert "No validation results were recorded." in files.html.read_text()
     assert "No validation results were recorded." in files.markdown.read_text()
     assert ["hospital-a", "1 train"] in _Page(files.html.read_text()).table("site", "round 1")
+
+
+def test_cross_site_report_names_the_global_model_and_evaluation_only_sites(
+    tmp_path: Path,
+) -> None:
+    # Prepare: what a cross-site run writes: local training rounds, the global model's
+    # validation as "final", an evaluation-only site that sat training out.
+    metrics = _metrics()
+    metrics["mode"] = "cross-site"
+    for r in metrics["rounds"]:
+        r["sites"] = {}
+        r["abstained"] = [
+            {"site": "hospital-c", "phase": "train", "reason": "evaluation only (train = false)"}
+        ]
+    final = metrics["final"] = dict(metrics["rounds"][-1], sites={
+        "hospital-a": _site(2, 3), "hospital-c": {**_site(1, 5), "fingerprint": "c" * 64},
+    })  # fmt: skip
+    final["abstained"] = []
+    metrics["cross_site"] = {
+        "models": ["global", "hospital-a"],
+        "sites": ["hospital-a", "hospital-c"],
+        "hd95": {r: [[4.31, 6.0], [3.0, 12.5]] for r in ("WT", "TC", "ET")},
+    }
+    # Execute
+    files = write_report(metrics, tmp_path, title="cross-site")
+    page = _Page(files.html.read_text())
+    text = files.markdown.read_text()
+    # Assert
+    assert "The global model at each site" in " ".join(page.text)
+    assert "## The global model at each site: validation at each site" in text
+    row_c = page.row("hospital-c")
+    assert row_c[1] == "5" and row_c[-1] == "train: evaluation only (train = false)"
+    assert "cccccccccccc" in row_c
+    assert "| global | 4.3 | 6.0 |" in text  # HD95 in mm with one decimal, as elsewhere

@@ -1,0 +1,107 @@
+"""The wire format of what a site sends back, written by the ClientApp and read by the server.
+
+One module for both directions so the two can never drift apart:
+
+- a validation reply is a flat :class:`MetricRecord`: ``num-examples`` always; per region and
+  metric the statistics of :mod:`evaluation.summary` (``dice-WT-median``) unless the site has
+  fewer cases than ``min-cases-to-report``; per-case lists (``dice-WT-cases``, in the site's
+  validation order, no case ids) only when the site's consent allows it and the minimum is met;
+- a declined message carries the site's name, a reason that names no file or case, and a kind:
+  ``invalid-data`` (a failure, recorded as such) or ``abstain`` (the site's choice or nothing to
+  do: an evaluation-only site asked to train).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from evaluation.regions import REGION_NAMES
+from evaluation.summary import STATISTICS
+
+#: Per-case and per-region metrics a validation reply carries.
+METRICS: tuple[str, ...] = ("dice", "hd95")
+DeclineKind = Literal["invalid-data", "abstain"]
+MetricValues = dict[str, int | float | list[int] | list[float]]
+
+
+def summary_metrics(summary: dict[str, Any], n_cases: int) -> MetricValues:
+    """Flatten a site summary into metric keys like ``dice-WT-median``.
+
+    A summary withheld for too few cases holds only counts, so only ``num-examples`` is sent.
+    """
+    values: MetricValues = {"num-examples": n_cases}
+    for region, metrics in summary.items():
+        for metric, stats in metrics.items():
+            for stat in STATISTICS:
+                if stats.get(stat) is not None:
+                    values[f"{metric}-{region}-{stat}"] = float(stats[stat])
+    return values
+
+
+def add_case_values(values: MetricValues, case_values: dict[str, dict[str, list[float]]]) -> None:
+    """Add per-case lists (``{metric: {region: [v, ...]}}``) unless the summary was withheld."""
+    if withheld(values):
+        return
+    for metric, by_region in case_values.items():
+        for region, listed in by_region.items():
+            values[f"{metric}-{region}-cases"] = [float(v) for v in listed]
+
+
+def withheld(values: MetricValues | MetricRecord) -> bool:
+    """Whether a validation reply holds only the case count."""
+    return f"{METRICS[0]}-{REGION_NAMES[0]}-mean" not in values
+
+
+def site_entry(m: MetricRecord, identity: ConfigRecord) -> dict[str, Any]:
+    """The ``metrics.json`` record of one site's validation reply (see the README schema)."""
+    n_cases = int(m["num-examples"])  # type: ignore[arg-type]
+    entry: dict[str, Any] = {"n_cases": n_cases, "fingerprint": str(identity["fingerprint"])}
+    if withheld(m):
+        entry["withheld"] = True
+        entry["summary"] = {r: {k: {"count": n_cases} for k in METRICS} for r in REGION_NAMES}
+        return entry
+    entry["summary"] = {
+        r: {k: _statistics(m, f"{k}-{r}", n_cases) for k in METRICS} for r in REGION_NAMES
+    }
+    for k in METRICS:
+        entry[k] = {r: entry["summary"][r][k]["mean"] for r in REGION_NAMES}
+    if f"{METRICS[0]}-{REGION_NAMES[0]}-cases" in m:
+        entry["per_case"] = {
+            k: {r: [float(v) for v in m[f"{k}-{r}-cases"]] for r in REGION_NAMES}  # type: ignore[union-attr]
+            for k in METRICS
+        }
+    return entry
+
+
+def _statistics(m: MetricRecord, prefix: str, n_cases: int) -> dict[str, Any]:
+    stats: dict[str, Any] = {"count": n_cases}
+    for stat in STATISTICS:
+        value = m.get(f"{prefix}-{stat}")
+        stats[stat] = None if value is None else float(value)  # type: ignore[arg-type]
+    return stats
+
+
+def identity_record(site: str, fingerprint: str) -> ConfigRecord:
+    """Who replied: the site's name and its dataset fingerprint (never a file name)."""
+    return ConfigRecord({"site": site, "fingerprint": fingerprint})
+
+
+def decline_reply(msg: Message, *, site: str, reason: str, kind: DeclineKind) -> Message:
+    """A reply saying the site sits this message out, and why in general terms."""
+    identity = ConfigRecord({"site": site, "declined": reason, "decline-kind": kind})
+    return Message(content=RecordDict({"site": identity}), reply_to=msg)
+
+
+def declined(msg: Message) -> tuple[DeclineKind, str] | None:
+    """``(kind, reason)`` when a reply declines, else None."""
+    if msg.has_error() or "site" not in msg.content:
+        return None
+    identity = msg.content["site"]
+    assert isinstance(identity, ConfigRecord)
+    reason = identity.get("declined")
+    if reason is None:
+        return None
+    kind: DeclineKind = "abstain" if identity.get("decline-kind") == "abstain" else "invalid-data"
+    return kind, str(reason)
