@@ -180,7 +180,7 @@ def _evaluate(msg: Message, run: RunConfig, site: SiteConfig, manifest: SiteMani
     model = _model_from(msg.content["arrays"], run)
     [result] = validate_models({"global": model}, manifest, roi_size=run.patch_size).values()
     values = validation_metrics(
-        result, min_cases=run.min_cases_to_report, share_per_case=site.consent.share_per_case
+        result, min_cases=site.min_cases(run), share_per_case=site.consent.share_per_case
     )
     return RecordDict({"metrics": MetricRecord(values)})
 
@@ -197,7 +197,7 @@ def _evaluate_models(
     reply = RecordDict()
     for key, result in results.items():
         values = validation_metrics(
-            result, min_cases=run.min_cases_to_report, share_per_case=site.consent.share_per_case
+            result, min_cases=site.min_cases(run), share_per_case=site.consent.share_per_case
         )
         reply[f"metrics-{key}"] = MetricRecord(values)
     return reply

@@ -98,6 +98,7 @@ SITE_CONFIG_NAME = "site.toml"
 _SITE_KEYS = (
     "data-path",
     "num-threads",
+    "min-cases-to-report",
     "train",
     "evaluate",
     "share-per-case",
@@ -131,6 +132,13 @@ class SiteConfig:
     data_path: Path
     num_threads: int = 0
     consent: Consent = Consent()
+    # The site's own floor for min-cases-to-report: the server sets the study's, but cannot
+    # lower a site's below this (0: the study's value applies).
+    min_cases_to_report: int = 0
+
+    def min_cases(self, run: RunConfig) -> int:
+        """Fewer validation cases than this and only their count leaves the site."""
+        return max(run.min_cases_to_report, self.min_cases_to_report)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, object], run: RunConfig) -> SiteConfig:
@@ -167,19 +175,22 @@ class SiteConfig:
                 for f in fields(Consent)
             }
             threads = _get(values, "num-threads", int, 0)
+            floor = _get(values, "min-cases-to-report", int, 0)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         return cls(
             data_path=Path(str(values["data-path"])),
             num_threads=int(threads),  # type: ignore[call-overload]
             consent=Consent(**consent),  # type: ignore[arg-type]
+            min_cases_to_report=int(floor),  # type: ignore[call-overload]
         )
 
 
 def read_site_toml(path: Path) -> dict[str, object]:
     """A site's ``site.toml`` flattened to node-config keys; ``{}`` when there is none.
 
-    ``[site]`` holds ``data-path`` and ``num-threads``, ``[consent]`` the four consent keys.
+    ``[site]`` holds ``data-path``, ``num-threads`` and ``min-cases-to-report`` (the site's
+    own floor), ``[consent]`` the four consent keys.
     """
     if not path.is_file():
         return {}

@@ -56,6 +56,14 @@ def test_node_config_sets_consent_when_deployed() -> None:
     assert (site.consent.train, site.consent.share_local_model) == (False, False)
 
 
+def test_a_site_floor_for_min_cases_can_only_raise_the_studys(tmp_path: Path) -> None:
+    # The server sets min-cases-to-report; a site that does not trust it sets its own floor.
+    site = _sim_site(tmp_path, "[site]\nmin-cases-to-report = 5\n")
+    assert site.min_cases(RunConfig(min_cases_to_report=1)) == 5
+    assert site.min_cases(RunConfig(min_cases_to_report=8)) == 8
+    assert SiteConfig(data_path=tmp_path).min_cases(RunConfig(min_cases_to_report=2)) == 2
+
+
 @pytest.mark.parametrize(
     ("toml", "message"),
     [
