@@ -314,7 +314,7 @@ def _site_facts(rounds: list[dict[str, Any]], final: dict[str, Any] | None) -> l
         validated += [final_sites[name]] if name in final_sites else []
         trained = [r["train"][name] for r in rounds if name in (r.get("train") or {})]
         seconds = [s for t in trained if (s := _num(t.get("seconds"))) is not None]
-        last_val = final_sites.get(name) or (validated or [{}])[-1]
+        last_val = (validated or [{}])[-1]  # the final record, when there is one
         fingerprint = next(
             (v["fingerprint"] for v in reversed(validated) if "fingerprint" in v), ""
         )

@@ -16,7 +16,7 @@ validates every model; a site that fails is recorded by name and the others go o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import INFO
 from typing import Any
 
@@ -39,8 +39,9 @@ class CrossSiteResult:
 
     local_models: dict[str, ArrayRecord]
     models: list[str]
-    entries: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    evaluation: RoundRecord = field(default_factory=lambda: RoundRecord(round=0))
+    entries: dict[str, dict[str, dict[str, Any]]]
+    # The global model's row as a round record: what metrics.json's "final" holds.
+    evaluation: RoundRecord
 
     def matrix(self) -> dict[str, Any]:
         """``metrics.json``'s ``cross_site``: mean per model (rows) and site (columns);
@@ -106,7 +107,12 @@ def train_local_models(
 
 
 def evaluate_models(
-    grid: Grid, nodes: list[int], *, models: dict[str, ArrayRecord], book: MetricsBook
+    grid: Grid,
+    nodes: list[int],
+    *,
+    models: dict[str, ArrayRecord],
+    book: MetricsBook,
+    server_round: int,
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], RoundRecord]:
     """Send every model to every site in one message each; ``entries[model][site]``."""
     names = list(models)
@@ -118,7 +124,7 @@ def evaluate_models(
         Message(content, message_type="evaluate.models", dst_node_id=node) for node in nodes
     ]
     replies = list(grid.send_and_receive(messages))
-    record = RoundRecord(round=0)
+    record = RoundRecord(round=server_round)
     entries: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in names}
     for msg, site, identity in book.successes(record, replies, "evaluate"):
         for i, name in enumerate(names):
@@ -136,8 +142,9 @@ def run_cross_site(
     nodes = wait_for_sites(grid, minimum=run.min_train_sites, timeout_s=run.wait_for_sites)
     local = train_local_models(grid, nodes, start=start, run=run, book=book)
     models = {GLOBAL: global_model, **{site: local[site] for site in sorted(local)}}
-    entries, evaluation = evaluate_models(grid, nodes, models=models, book=book)
-    evaluation.round = run.num_server_rounds
+    entries, evaluation = evaluate_models(
+        grid, nodes, models=models, book=book, server_round=run.num_server_rounds
+    )
     return CrossSiteResult(
         local_models=local, models=list(models), entries=entries, evaluation=evaluation
     )

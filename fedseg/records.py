@@ -19,9 +19,10 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from evaluation.regions import REGION_NAMES
 from evaluation.summary import STATISTICS
+from fedseg.task.validate import VALIDATION_METRICS
 
-#: Per-case and per-region metrics a validation reply carries.
-METRICS: tuple[str, ...] = ("dice", "hd95")
+#: Per-case and per-region metrics a validation reply carries: what the site scored.
+METRICS = VALIDATION_METRICS
 DeclineKind = Literal["invalid-data", "abstain"]
 MetricValues = dict[str, int | float | list[int] | list[float]]
 

@@ -114,11 +114,8 @@ class MetricsBook:
             trained[msg.metadata.src_node_id] = arrays
         return trained
 
-    def record_evaluate(
-        self, server_round: int, replies: list[Message]
-    ) -> dict[str, dict[str, Any]]:
-        """Note each site's validation summary on its own held-out cases, or its failure;
-        return the entries by site.
+    def record_evaluate(self, server_round: int, replies: list[Message]) -> None:
+        """Note each site's validation summary on its own held-out cases, or its failure.
 
         A site below its minimum case count sends only the count: it is recorded as withheld
         and left out of the pooled values.
@@ -128,7 +125,6 @@ class MetricsBook:
             m = msg.content["metrics"]
             assert isinstance(m, MetricRecord)
             record.sites[site] = site_entry(m, identity)
-        return record.sites
 
     def to_json(self) -> dict[str, Any]:
         """``{"rounds": [...], "final": <last round with validation results>}``."""
