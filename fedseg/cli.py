@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import signal
 import sys
@@ -20,12 +21,14 @@ import typer
 from rich.console import Console
 
 from data_adapters.errors import DataError
+from fedseg.deploy.pki_cli import pki_app
 
 app = typer.Typer(
     help="Federated BraTS-style brain-tumour segmentation across hospitals (Flower + MONAI).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(pki_app, name="pki")
 # soft_wrap: never break a file path across lines; users copy them.
 console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -357,3 +360,132 @@ def report(
     assert run_dir is not None  # for mypy: checked above
     files = report_run(run_dir, out=out)
     console.print(f"[green]done[/green]: {files.html}, {files.markdown}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def client(
+    site_config: Annotated[
+        Path, typer.Option(help="The site's site.toml: data, consent, SuperLink, CA and key.")
+    ],
+    check_only: Annotated[
+        bool, typer.Option(help="Run the start-up checks and stop (no connection made).")
+    ] = False,
+) -> None:
+    """Run this hospital's SuperNode: check its data and certificates, then take part in the
+    studies the coordinator's SuperLink runs, as far as the site's consent allows.
+
+    Scans never leave the site: the SuperNode sends only model updates and aggregate metrics.
+    """
+    from fedseg.deploy.client import preflight, read_client_settings, run_client
+
+    settings = read_client_settings(site_config)
+    if check_only:
+        preflight(settings, say=_progress)
+        console.print("[green]ready[/green]: start-up checks passed", highlight=False)
+        return
+    code = run_client(settings, say=_progress)
+    raise typer.Exit(code)
+
+
+@app.command()
+@friendly_errors
+def superlink(
+    pki: Annotated[
+        Path | None,
+        typer.Option(help="Pilot PKI folder (fedseg pki init): TLS + SuperNode authentication."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port of the SuperLink's API (sites and flwr).")] = 9092,
+    database: Annotated[
+        Path, typer.Option(help="SuperLink state (registered sites, runs); survives restarts.")
+    ] = Path("superlink.db"),
+    server_name: Annotated[
+        str | None, typer.Option(help="Check the certificate is valid for this host name.")
+    ] = None,
+) -> None:
+    """Run the coordinator's SuperLink (Flower) with TLS and SuperNode authentication.
+
+    Without --pki it refuses anything but loopback (an insecure local trial).
+    """
+    import subprocess
+
+    from fedseg.deploy.coordinator import superlink_args
+    from fedseg.deploy.processes import TRANSFER_ENV
+    from fedseg.simulation import FLOWER_ENV
+
+    command = superlink_args(pki_dir=pki, host=host, port=port, database=database,
+                             check_host=server_name)  # fmt: skip
+    _progress(" ".join(command))
+    raise typer.Exit(subprocess.call(command, env={**os.environ, **FLOWER_ENV, **TRANSFER_ENV}))
+
+
+@app.command("register-sites")
+@friendly_errors
+def register_sites_cmd(
+    pki: Annotated[Path, typer.Option(help="Pilot PKI folder holding sites.json.")],
+    connection: Annotated[str, typer.Option(help="SuperLink connection ($FLWR_HOME/config.toml).")],
+) -> None:
+    """Register every (non-revoked) site's public key with the SuperLink."""
+    from fedseg.deploy.coordinator import register_sites
+
+    for site, node in register_sites(pki, connection=connection, env=os.environ).items():
+        console.print(f"  {site:<16} node {node}", highlight=False)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set {pair!r}: expected key=value")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+@app.command()
+@friendly_errors
+def study(
+    connection: Annotated[str, typer.Option(help="SuperLink connection ($FLWR_HOME/config.toml).")],
+    config: Annotated[
+        Path | None, typer.Option(help="Study preset, e.g. configs/brats-fedavg.toml.")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this run folder from its last completed round.")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder (default: runs/study-<time>).")
+    ] = None,
+    wait_for_sites: Annotated[
+        int | None, typer.Option(min=0, help="Seconds to wait for min-train-sites sites.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a run-config key: key=value.")
+    ] = None,
+) -> None:
+    """Submit a study to a SuperLink, stream its progress, and write its report.
+
+    The run folder gets metrics.json, a checkpoint per round, model.pt and report.html; after
+    a crash or restart, --resume RUN_DIR continues from the last completed round.
+    """
+    from evaluation.report import report_run
+    from fedseg.deploy.coordinator import StudyRequest, study_config, submit_study
+
+    overrides = _overrides(set_ or [])
+    if wait_for_sites is not None:
+        overrides["wait-for-sites"] = wait_for_sites
+    request = StudyRequest(connection=connection, config=config, overrides=overrides,
+                           run_dir=run_dir, resume=resume)  # fmt: skip
+    run, folder = study_config(request)
+    _progress(f"study {'resumed' if run.resume else 'submitted'}: run folder {folder}")
+    with _flower_log(folder / "flower" / "study.log") as on_log:
+        submit_study(run, folder, connection=connection, on_line=on_log, env=os.environ)
+    files = report_run(folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    _print_final(metrics)
+    console.print(f"[green]done[/green]: {files.html}, {folder / 'model.pt'}", highlight=False)

@@ -33,7 +33,9 @@ from fedseg.records import (
     add_case_values,
     decline_reply,
     identity_record,
+    pack_weights,
     summary_metrics,
+    unpack_weights,
 )
 from fedseg.task.data import training_batches
 from fedseg.task.model import build_model
@@ -128,7 +130,7 @@ def _answer(
 def _model_from(arrays: object, run: RunConfig) -> torch.nn.Module:
     model = build_model(run.model_preset, seed=run.seed)
     assert isinstance(arrays, ArrayRecord)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model.load_state_dict(unpack_weights(arrays, model.state_dict()))
     return model
 
 
@@ -160,7 +162,7 @@ def _train(msg: Message, run: RunConfig, _: SiteConfig, manifest: SiteManifest) 
             "train-seconds": result.seconds,
         }
     )
-    return RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return RecordDict({"arrays": pack_weights(model.state_dict()), "metrics": metrics})
 
 
 def validation_metrics(

@@ -57,6 +57,10 @@ class RunConfig:
     sim_client_threads: int = 1
     # Seconds to wait for min-train-sites sites to connect before giving up with an error.
     wait_for_sites: int = 600
+    # Seconds a round's training (or validation) waits for replies; a silent site is left out.
+    round_timeout: int = 3600
+    # Continue the study in run-dir from its last completed round (see fedseg.resume).
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +77,10 @@ class RunConfig:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if self.min_cases_to_report < 1:
             raise ConfigError("min-cases-to-report must be >= 1")
+        if self.resume and (self.mode != "train" or not self.run_dir):
+            raise ConfigError('resume needs mode = "train" and the run-dir of the study')
+        if self.wait_for_sites < 0 or self.round_timeout < 1:
+            raise ConfigError("wait-for-sites must be >= 0 and round-timeout >= 1")
         if self.patch_size % 16:
             raise ConfigError(f"patch-size must be a multiple of 16, got {self.patch_size}")
 
@@ -186,23 +194,35 @@ class SiteConfig:
         )
 
 
-def read_site_toml(path: Path) -> dict[str, object]:
-    """A site's ``site.toml`` flattened to node-config keys; ``{}`` when there is none.
+#: The tables of a site.toml: the site's settings, its consent, and (deployment only, read by
+#: ``fedseg client``) how its SuperNode connects.
+SITE_TABLES = ("site", "consent", "connection")
 
-    ``[site]`` holds ``data-path``, ``num-threads`` and ``min-cases-to-report`` (the site's
-    own floor), ``[consent]`` the four consent keys.
-    """
+
+def read_site_tables(path: Path) -> dict[str, dict[str, object]]:
+    """A site.toml's tables, refusing unknown ones; ``{}`` when there is no file."""
     if not path.is_file():
         return {}
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    flat: dict[str, object] = {}
     for table, values in data.items():
-        if table not in ("site", "consent") or not isinstance(values, dict):
-            raise ConfigError(f"{path}: unknown table [{table}]; expected [site] and [consent]")
-        flat |= values
+        if table not in SITE_TABLES or not isinstance(values, dict):
+            raise ConfigError(f"{path}: unknown table [{table}]; expected {list(SITE_TABLES)}")
+    return data
+
+
+def read_site_toml(path: Path) -> dict[str, object]:
+    """A site's ``site.toml`` flattened to node-config keys; ``{}`` when there is none.
+
+    ``[site]`` holds ``data-path``, ``num-threads`` and ``min-cases-to-report`` (the site's
+    own floor), ``[consent]`` the four consent keys. ``[site] name`` is checked against the
+    dataset by ``fedseg client`` and ``[connection]`` is for it alone: neither is node config.
+    """
+    tables = read_site_tables(path)
+    flat = {**tables.get("site", {}), **tables.get("consent", {})}
+    flat.pop("name", None)
     return flat
 
 

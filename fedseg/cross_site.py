@@ -15,7 +15,6 @@ validates every model; a site that fails is recorded by name and the others go o
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from logging import INFO
 from typing import Any
@@ -27,6 +26,7 @@ from flwr.serverapp import Grid
 from evaluation.regions import REGION_NAMES
 from fedseg.config import RunConfig
 from fedseg.records import METRICS, site_entry
+from fedseg.rounds import exchange, wait_for_sites
 from fedseg.strategies import MetricsBook, RoundRecord
 
 #: The row of the federated (global) model.
@@ -65,20 +65,6 @@ class CrossSiteResult:
         return out
 
 
-def wait_for_sites(grid: Grid, *, minimum: int, timeout_s: float) -> list[int]:
-    """The connected node ids once at least ``minimum`` are there; an error after
-    ``timeout_s`` (Flower's own sampling would wait forever)."""
-    deadline = time.monotonic() + timeout_s
-    while len(nodes := sorted(grid.get_node_ids())) < minimum:
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {len(nodes)} of the {minimum} sites required (min-train-sites) "
-                f"connected within {timeout_s:.0f} s (wait-for-sites)"
-            )
-        time.sleep(1)
-    return nodes
-
-
 def train_local_models(
     grid: Grid, nodes: list[int], *, start: ArrayRecord, run: RunConfig, book: MetricsBook
 ) -> dict[str, ArrayRecord]:
@@ -102,7 +88,8 @@ def train_local_models(
             )
             for node, arrays in models.items()
         ]
-        models = book.record_train(server_round, list(grid.send_and_receive(messages)))
+        replies = exchange(grid, messages, timeout_s=run.round_timeout)
+        models = book.record_train(server_round, replies)
     return {book.node_sites[node]: arrays for node, arrays in models.items()}
 
 
@@ -113,6 +100,7 @@ def evaluate_models(
     models: dict[str, ArrayRecord],
     book: MetricsBook,
     server_round: int,
+    timeout_s: float,
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], RoundRecord]:
     """Send every model to every site in one message each; ``entries[model][site]``."""
     names = list(models)
@@ -123,7 +111,7 @@ def evaluate_models(
     messages = [
         Message(content, message_type="evaluate.models", dst_node_id=node) for node in nodes
     ]
-    replies = list(grid.send_and_receive(messages))
+    replies = exchange(grid, messages, timeout_s=timeout_s)
     record = RoundRecord(round=server_round)
     entries: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in names}
     for msg, site, identity in book.successes(record, replies, "evaluate"):
@@ -143,8 +131,9 @@ def run_cross_site(
     local = train_local_models(grid, nodes, start=start, run=run, book=book)
     models = {GLOBAL: global_model, **{site: local[site] for site in sorted(local)}}
     entries, evaluation = evaluate_models(
-        grid, nodes, models=models, book=book, server_round=run.num_server_rounds
-    )
+        grid, nodes, models=models, book=book, server_round=run.num_server_rounds,
+        timeout_s=run.round_timeout,
+    )  # fmt: skip
     return CrossSiteResult(
         local_models=local, models=list(models), entries=entries, evaluation=evaluation
     )

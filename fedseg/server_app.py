@@ -3,11 +3,12 @@ evaluation-only and cross-site validation runs."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -16,6 +17,9 @@ from fedseg import __version__
 from fedseg.artifacts import load_weights, save_weights, write_json
 from fedseg.config import RunConfig
 from fedseg.cross_site import run_cross_site
+from fedseg.records import pack_weights, unpack_weights
+from fedseg.resume import STATE_NAME, load_resume_point, state_payload
+from fedseg.rounds import RoundPlan, run_rounds
 from fedseg.strategies import MetricsBook, build_strategy
 from fedseg.task.model import build_model
 
@@ -23,25 +27,31 @@ app = ServerApp()
 
 
 class RoundWriter:
-    """Called by ``Strategy.start`` after every round: checkpoint the global model and
-    rewrite ``metrics.json``, so a crashed study still leaves everything up to its last round."""
+    """Called after every round: checkpoint the global model, rewrite ``metrics.json`` and the
+    restart point, so a crashed study leaves everything up to its last round and can resume."""
 
     def __init__(self, run_dir: Path, book: MetricsBook, run: RunConfig) -> None:
         self.run_dir = run_dir
         self.book = book
         self.run = run
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if self.run.mode == "train":
-            state = arrays.to_torch_state_dict()
-            save_weights(self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt", state)
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
         write_json(self.run_dir / "metrics.json", self.payload())
+        if self.run.mode == "train":
+            checkpoint = self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt"
+            digest = save_weights(checkpoint, state_dict(arrays, self.run))
+            # Written last: it names only a checkpoint and metrics that are complete on disk.
+            state = state_payload(run=self.run, last_round=server_round, checkpoint=checkpoint,
+                                  sha256=digest, book=self.book, strategy_state={})  # fmt: skip
+            write_json(self.run_dir / STATE_NAME, state)
         record = self.book.rounds.get(server_round)
         for site, scores in sorted(record.sites.items()) if record else []:
             dice = " ".join(f"{r} {v:.3f}" for r, v in scores.get("dice", {}).items())
             shown = dice or f"withheld ({scores['n_cases']} cases < min-cases-to-report)"
             log(INFO, "fedseg round %d: %s Dice %s", server_round, site, shown)
-        return None
+        for failure in record.failures if record else []:
+            log(INFO, "fedseg round %d: %s failed in %s: %s", server_round, failure["site"],
+                failure["phase"], failure["reason"])  # fmt: skip
 
     def payload(self) -> dict[str, object]:
         extra: dict[str, object] = {}
@@ -83,7 +93,7 @@ def run_study(run: RunConfig, run_dir: Path, grid: Grid) -> None:
         # Local models start where the study started: the preset's seeded initialisation.
         start = build_model(run.model_preset, seed=run.seed).state_dict()
         cross = run_cross_site(
-            grid, run=run, start=ArrayRecord(start), global_model=ArrayRecord(model.state_dict()),
+            grid, run=run, start=pack_weights(start), global_model=pack_weights(model.state_dict()),
             book=book,
         )  # fmt: skip
         save_local_models(run_dir, run, cross.local_models)
@@ -92,15 +102,38 @@ def run_study(run: RunConfig, run_dir: Path, grid: Grid) -> None:
         payload["cross_site"] = cross.matrix()
         write_json(run_dir / "metrics.json", payload)
         return
-    result = build_strategy(run, book=book).start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+    run_training(run, run_dir, grid, model=model, writer=writer)
+
+
+def run_training(
+    run: RunConfig, run_dir: Path, grid: Grid, *, model: torch.nn.Module, writer: RoundWriter
+) -> None:
+    """Federated rounds (one validation-only round in evaluate mode), from round 1 or from
+    where an interrupted study stopped."""
+    book, first_round = writer.book, 1
+    if run.resume:
+        point = load_resume_point(run_dir, run)
+        book = writer.book = point.book
+        model.load_state_dict(point.weights)
+        first_round = point.last_round + 1
+        log(INFO, "fedseg: resuming the study in %s at round %d", run_dir, first_round)
+    last_round = 1 if run.mode == "evaluate" else run.num_server_rounds
+    arrays = run_rounds(
+        build_strategy(run, book=book),
+        grid,
+        arrays=pack_weights(model.state_dict()),
         # Evaluation: one round in which no site trains and every site validates.
-        num_rounds=1 if run.mode == "evaluate" else run.num_server_rounds,
-        evaluate_fn=writer,
+        plan=RoundPlan(
+            first_round=first_round,
+            last_round=last_round,
+            min_sites=run.min_train_sites,
+            wait_for_sites_s=run.wait_for_sites,
+            round_timeout_s=run.round_timeout,
+        ),
+        on_round=writer,
     )
     if run.mode == "train":
-        save_final_model(run_dir, run, book, result.arrays)
+        save_final_model(run_dir, run, book, arrays)
     write_json(run_dir / "metrics.json", writer.payload())
 
 
@@ -125,19 +158,27 @@ def save_final_model(run_dir: Path, run: RunConfig, book: MetricsBook, arrays: A
         failures = [f for r in book.rounds.values() for f in r.failures]
         reason = failures[0]["reason"] if failures else "no site replied"
         raise RuntimeError(f"no site completed a training round (first failure: {reason})")
-    save_model(run_dir / "model.pt", arrays, run=run, trained_on="federation")
+    save_model(run_dir / "model.pt", state_dict(arrays, run), run=run, trained_on="federation")
 
 
 def save_local_models(run_dir: Path, run: RunConfig, models: dict[str, ArrayRecord]) -> None:
     """Each site's own model from cross-site validation, as ``local-models/<site>.pt``."""
     for site, arrays in models.items():
-        save_model(run_dir / "local-models" / f"{site}.pt", arrays, run=run, trained_on=site)
+        save_model(run_dir / "local-models" / f"{site}.pt", state_dict(arrays, run), run=run,
+                   trained_on=site)  # fmt: skip
 
 
-def save_model(path: Path, arrays: ArrayRecord, *, run: RunConfig, trained_on: str) -> None:
+def state_dict(arrays: ArrayRecord, run: RunConfig) -> dict[str, torch.Tensor]:
+    """Packed weights from the wire back into the preset's state dict."""
+    return unpack_weights(arrays, build_model(run.model_preset, seed=run.seed).state_dict())
+
+
+def save_model(
+    path: Path, state: Mapping[str, torch.Tensor], *, run: RunConfig, trained_on: str
+) -> None:
     """Weights plus the ``.json`` beside them that names the network and how it was trained
     (what ``fedseg evaluate`` and cross-site validation read)."""
-    digest = save_weights(path, arrays.to_torch_state_dict())
+    digest = save_weights(path, state)
     write_json(
         path.with_suffix(".json"),
         {

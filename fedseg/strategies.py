@@ -29,6 +29,8 @@ class RoundRecord:
     failures: list[dict[str, str]] = field(default_factory=list)
     # Sites that sat a phase out by their own choice (evaluation-only, no consent): no failure.
     abstained: list[dict[str, str]] = field(default_factory=list)
+    # Why the global model was not updated this round ("" when it was).
+    not_aggregated: str = ""
 
     def reported(self) -> list[dict[str, Any]]:
         """Sites that sent scores (not withheld for too few cases)."""
@@ -49,7 +51,7 @@ class RoundRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.json`` form of one round (see README for the schema)."""
-        return {
+        out = {
             "round": self.round,
             "sites": self.sites,
             "pooled": {"n_cases": sum(s["n_cases"] for s in self.reported()), **self.pooled()},
@@ -57,6 +59,21 @@ class RoundRecord:
             "failures": self.failures,
             "abstained": self.abstained,
         }
+        if self.not_aggregated:
+            out["not_aggregated"] = self.not_aggregated
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundRecord:
+        """Back from ``to_json`` (``pooled`` is derived, so recomputed rather than read)."""
+        return cls(
+            round=int(data["round"]),
+            sites=dict(data["sites"]),
+            train=dict(data["train"]),
+            failures=list(data["failures"]),
+            abstained=list(data.get("abstained", [])),
+            not_aggregated=str(data.get("not_aggregated", "")),
+        )
 
 
 @dataclass
@@ -132,6 +149,14 @@ class MetricsBook:
         validated = [r for r in rounds if r["sites"]]
         return {"rounds": rounds, "final": validated[-1] if validated else None}
 
+    @classmethod
+    def restore(
+        cls, rounds: list[dict[str, Any]], *, node_sites: dict[int, str], up_to: int
+    ) -> MetricsBook:
+        """The book as it stood after round ``up_to`` (a resumed study's history)."""
+        kept = [RoundRecord.from_json(r) for r in rounds if int(r["round"]) <= up_to]
+        return cls(rounds={r.round: r for r in kept}, node_sites=dict(node_sites))
+
 
 class _Recording:
     """Mixin: record replies per site, then aggregate exactly as the Flower strategy does."""
@@ -142,7 +167,16 @@ class _Recording:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.book.record_train(server_round, replies)
+        trained = self.book.record_train(server_round, replies)
+        required = int(getattr(self, "min_train_nodes", 1))
+        if replies and len(trained) < required:
+            # Averaging fewer sites than the study requires would let one hospital's update
+            # stand for the federation: keep the previous global model instead.
+            self.book.rounds[server_round].not_aggregated = (
+                f"only {len(trained)} of the {required} sites required (min-train-sites) "
+                "trained; the global model is unchanged"
+            )
+            return None, None
         accepted = [m for m in replies if declined(m) is None]
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc,no-any-return]
 

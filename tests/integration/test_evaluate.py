@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
 
 from data_adapters.site import harmonise_site
 from data_adapters.sources import sha256_file
@@ -60,7 +59,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     train_local(model, batches, settings=TrainSettings(steps=40, learning_rate=3e-3))
     path = root / "model" / "model.pt"
     run = RunConfig(num_server_rounds=1, local_steps=4, learning_rate=3e-3)
-    save_model(path, ArrayRecord(model.state_dict()), run=run, trained_on="hospital-a")
+    save_model(path, model.state_dict(), run=run, trained_on="hospital-a")
     return root / "sites", path
 
 

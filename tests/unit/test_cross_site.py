@@ -10,7 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedseg.config import RunConfig
-from fedseg.cross_site import GLOBAL, run_cross_site, wait_for_sites
+from fedseg.cross_site import GLOBAL, run_cross_site
+from fedseg.rounds import wait_for_sites
 from fedseg.strategies import MetricsBook
 
 
@@ -35,10 +36,15 @@ class _Federation:
     def get_node_ids(self) -> list[int]:
         return list(self.sites)
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> list[Message]:
-        return [self._reply(m) for m in messages]
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        self.replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink assigns
+            self.replies.append(self._reply(msg))
+        return [r.metadata.reply_to_message_id for r in self.replies]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [r for r in self.replies if r.metadata.reply_to_message_id in set(message_ids)]
 
     def _reply(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id

@@ -63,8 +63,9 @@ def _eval_reply(node: int, site: str, dice: float, n_cases: int) -> Message:
     return Message(content, reply_to=_instruction(node, MessageType.EVALUATE))
 
 
-def _strategy(name: str, mu: float = 0.0) -> RecordingFedAvg:
-    strategy = build_strategy(RunConfig(strategy=name, proximal_mu=mu), book=MetricsBook())
+def _strategy(name: str, mu: float = 0.0, *, min_sites: int = 2) -> RecordingFedAvg:
+    run = RunConfig(strategy=name, proximal_mu=mu, min_train_sites=min_sites)
+    strategy = build_strategy(run, book=MetricsBook())
     assert isinstance(strategy, RecordingFedAvg | RecordingFedProx)
     return strategy
 
@@ -141,7 +142,7 @@ def test_failed_site_is_recorded_by_name_not_averaged() -> None:
 
 
 def test_declined_site_is_named_and_left_out_of_the_average() -> None:
-    strategy = _strategy("fedavg")
+    strategy = _strategy("fedavg", min_sites=1)
     reason = "site data failed validation; details are in the site's log"
     declined = Message(
         RecordDict({"site": ConfigRecord({"site": "hospital-c", "declined": reason})}),
@@ -153,6 +154,35 @@ def test_declined_site_is_named_and_left_out_of_the_average() -> None:
     record = strategy.book.rounds[1].to_json()
     assert record["failures"] == [{"site": "hospital-c", "phase": "train", "reason": reason}]
     assert set(record["train"]) == {"hospital-a"}
+
+
+def test_round_with_fewer_trained_sites_than_required_keeps_the_model() -> None:
+    """Two of three sites required: one trained, one failed. Averaging one hospital's update
+    alone would stand in for the federation, so nothing is aggregated and the round says why."""
+    strategy = _strategy("fedavg", min_sites=2)
+    failed = Message(Error(code=5, reason="node unavailable"), reply_to=_instruction(8))
+    arrays, metrics = strategy.aggregate_train(1, [_train_reply(7, "hospital-a", 3.0, 4), failed])
+    assert arrays is None and metrics is None
+    record = strategy.book.rounds[1].to_json()
+    assert "only 1 of the 2 sites required" in record["not_aggregated"]
+    assert record["failures"][0]["reason"] == "node unavailable"
+
+
+def test_book_survives_a_round_trip_through_metrics_json() -> None:
+    """A resumed study's history is the interrupted one's, up to its last completed round."""
+    strategy = _strategy("fedavg")
+    for r in (1, 2):
+        strategy.aggregate_train(
+            r, [_train_reply(7, "hospital-a", 1.0, 4), _train_reply(8, "hospital-b", 1.0, 2)]
+        )
+        strategy.aggregate_evaluate(
+            r, [_eval_reply(7, "hospital-a", 0.9, 3), _eval_reply(8, "hospital-b", 0.6, 1)]
+        )
+    saved = strategy.book.to_json()
+    restored = MetricsBook.restore(saved["rounds"], node_sites=strategy.book.node_sites, up_to=1)
+    assert sorted(restored.rounds) == [1]
+    assert restored.to_json()["rounds"] == saved["rounds"][:1]
+    assert restored.node_sites == {7: "hospital-a", 8: "hospital-b"}
 
 
 def test_evaluation_only_run_sends_no_training_message() -> None:

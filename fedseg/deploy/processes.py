@@ -1,0 +1,131 @@
+"""The Flower processes of a deployment, as commands: SuperLink, SuperNode, fedseg's SuperExec.
+
+One place spells the flags, so ``fedseg client``, ``fedseg superlink``, the deployment tests
+and the overhead benchmark start exactly the same processes. Flower 1.42's SuperLink serves
+its Fleet, Control and runtime APIs on one HTTP port; a SuperNode serves its own runtime API
+(for the ClientApp processes) on a second, loopback-only port.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedseg.simulation import FLOWER_ENV
+
+#: How a site runs its ClientApps: "fedseg" forks each from a warm process (fast), "flower"
+#: is Flower's default (a fresh Python process per message).
+EXECUTORS = ("fedseg", "flower")
+
+
+# Flower moves a message as one object per tensor (the tiny U-Net: ~80), two at a time over
+# HTTP by default; on loopback that is ~1 s per message. These are Flower's own knobs.
+TRANSFER_ENV = {
+    "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "8",
+    "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8",
+}
+
+
+class DeploymentError(RuntimeError):
+    """A deployment process could not start or stopped unexpectedly."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerTls:
+    """The SuperLink's certificate chain (see ``fedseg pki init``)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def superlink_command(
+    *, host: str, port: int, database: Path, tls: ServerTls | None, node_auth: bool
+) -> list[str]:
+    """``flower-superlink`` with TLS and SuperNode authentication, or insecure (loopback
+    trials only; Flower refuses authentication without TLS)."""
+    command = ["flower-superlink", "--host", host, "--port", str(port)]
+    command += ["--database", str(database), "--disable-runtime-dependency-installation"]
+    if tls is None:
+        return [*command, "--insecure"]
+    command += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert)]
+    command += ["--ssl-keyfile", str(tls.key)]
+    return [*command, "--enable-supernode-auth"] if node_auth else command
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuperNodeSpec:
+    """One site's SuperNode: where it connects, how it proves who it is, what it runs."""
+
+    superlink: str
+    runtime_port: int
+    node_config: Path
+    root_certificates: Path | None
+    auth_private_key: Path | None
+    executor: str = "fedseg"
+
+
+def supernode_command(spec: SuperNodeSpec) -> list[str]:
+    """Flower's SuperNode. With the fedseg executor: its short idle poll
+    (:mod:`fedseg.deploy.supernode`) in ``process`` isolation, the ClientApps coming from
+    :func:`superexec_command`; with "flower", ``flower-supernode`` exactly as Flower ships it."""
+    if spec.executor == "fedseg":
+        command = [sys.executable, "-m", "fedseg.deploy.supernode"]
+    else:
+        command = ["flower-supernode"]
+    command += ["--superlink", spec.superlink]
+    command += ["--host", "127.0.0.1", "--port", str(spec.runtime_port)]
+    command += ["--node-config", str(spec.node_config)]
+    command += ["--isolation", "process" if spec.executor == "fedseg" else "subprocess"]
+    if spec.root_certificates is None:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(spec.root_certificates)]
+    if spec.auth_private_key is not None:
+        command += ["--auth-supernode-private-key", str(spec.auth_private_key)]
+    return command
+
+
+def superexec_command(*, runtime_port: int) -> list[str]:
+    """fedseg's forking SuperExec for a SuperNode's loopback runtime API."""
+    return [sys.executable, "-m", "fedseg.deploy.superexec",
+            "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure"]  # fmt: skip
+
+
+def start(
+    command: list[str], *, log: Path, env: Mapping[str, str], fast_transfer: bool = True
+) -> subprocess.Popen[bytes]:
+    """Start a process with Flower's safety switches (and :data:`TRANSFER_ENV`), its output
+    appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    full = {**env, **FLOWER_ENV, **(TRANSFER_ENV if fast_transfer else {})}
+    with log.open("ab") as out:
+        return subprocess.Popen(command, env=full, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_until_listening(
+    proc: subprocess.Popen[bytes], *, port: int, log: Path, timeout_s: float = 60
+) -> None:
+    """Return once something accepts connections on loopback ``port``; raise (naming the log)
+    if ``proc`` exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeploymentError(f"{log}: the process exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DeploymentError(f"{log}: nothing listened on port {port} within {timeout_s:.0f} s")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,98 @@
+"""A study's restart point: what the server needs to continue after a crash or restart.
+
+Flower keeps no checkpoint of a ServerApp. After every completed round the server writes
+``state.json`` beside the round's checkpoint: the round, the checkpoint and its sha256, the
+node-to-site names, the strategy and its state, and the run config. ``fedseg study --resume
+RUN_DIR`` submits the same config with ``resume = true``; the server then continues with the
+next round, so at most the round in flight is lost.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_adapters.sources import sha256_file
+from fedseg.artifacts import load_weights
+from fedseg.config import ConfigError, RunConfig, Scalar
+from fedseg.strategies import MetricsBook
+
+STATE_NAME = "state.json"
+# Keys a resumed study may change: where it waits and how long, and how many rounds in all.
+MAY_CHANGE = frozenset({"resume", "wait-for-sites", "round-timeout", "num-server-rounds"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumePoint:
+    """Everything needed to go on with the round after ``last_round``."""
+
+    last_round: int
+    weights: dict[str, Any]
+    book: MetricsBook
+    strategy_state: dict[str, Any]
+
+
+def state_payload(
+    *, run: RunConfig, last_round: int, checkpoint: Path, sha256: str, book: MetricsBook,
+    strategy_state: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The content of ``state.json`` after ``last_round``."""
+    return {
+        "last_round": last_round,
+        "checkpoint": checkpoint.name,
+        "checkpoint_sha256": sha256,
+        "node_sites": {str(k): v for k, v in book.node_sites.items()},
+        "strategy": run.strategy,
+        "strategy_state": strategy_state,
+        "config": run.to_flower(),
+    }
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """``state.json`` of a run folder, with a clear error when there is none."""
+    path = run_dir / STATE_NAME
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; the run completed no round, nothing to resume")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(state, dict) or "last_round" not in state:
+        raise ConfigError(f"{path}: not a fedseg study state (no last_round)")
+    return state
+
+
+def changed_keys(saved: dict[str, Scalar], now: dict[str, Scalar]) -> list[str]:
+    """Run-config keys that differ between the interrupted study and its resumption, other
+    than those a resumption may change."""
+    keys = (set(saved) | set(now)) - MAY_CHANGE
+    return sorted(k for k in keys if saved.get(k) != now.get(k))
+
+
+def load_resume_point(run_dir: Path, run: RunConfig) -> ResumePoint:
+    """Check that ``run`` continues the study in ``run_dir`` and load where it stopped."""
+    state = read_state(run_dir)
+    changed = changed_keys(state["config"], run.to_flower())
+    if changed:
+        raise ConfigError(
+            f"{run_dir / STATE_NAME}: the resumed run config differs in {changed}; a resumed "
+            "study must be the same study"
+        )
+    last = int(state["last_round"])
+    if last >= run.num_server_rounds:
+        raise ConfigError(
+            f"{run_dir / STATE_NAME}: all {run.num_server_rounds} rounds are done already"
+        )
+    checkpoint = run_dir / "checkpoints" / str(state["checkpoint"])
+    if not checkpoint.is_file() or sha256_file(checkpoint) != state["checkpoint_sha256"]:
+        raise ConfigError(f"{checkpoint}: missing or not the checkpoint state.json names")
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    node_sites = {int(k): str(v) for k, v in state["node_sites"].items()}
+    return ResumePoint(
+        last_round=last,
+        weights=load_weights(checkpoint),
+        book=MetricsBook.restore(metrics["rounds"], node_sites=node_sites, up_to=last),
+        strategy_state=dict(state.get("strategy_state", {})),
+    )
