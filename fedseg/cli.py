@@ -87,12 +87,12 @@ def demo(
 
 
 @contextmanager
-def _flower_log(path: Path) -> Iterator[Callable[[str], None]]:
+def _flower_log(path: Path, *, append: bool = False) -> Iterator[Callable[[str], None]]:
     """A sink for Flower's log lines: all to ``path``, the progress ones to the console."""
     # SIGTERM (a scheduler, a timeout) must unwind like Ctrl-C so Flower gets stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as log:
+    with path.open("a" if append else "w") as log:
 
         def on_log(line: str) -> None:
             log.write(line + "\n")
@@ -483,7 +483,8 @@ def study(
                            run_dir=run_dir, resume=resume)  # fmt: skip
     run, folder = study_config(request)
     _progress(f"study {'resumed' if run.resume else 'submitted'}: run folder {folder}")
-    with _flower_log(folder / "flower" / "study.log") as on_log:
+    # Appended: a resumed study's log follows the interrupted one's (the audit trail).
+    with _flower_log(folder / "flower" / "study.log", append=True) as on_log:
         submit_study(run, folder, connection=connection, on_line=on_log, env=os.environ)
     files = report_run(folder)
     metrics = json.loads((folder / "metrics.json").read_text())

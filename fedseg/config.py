@@ -50,6 +50,9 @@ class RunConfig:
     patch_size: int = 48
     fraction_train: float = 1.0
     min_train_sites: int = 2
+    # Sites that must be connected before a round starts (0: min-train-sites); more than
+    # min-train-sites when evaluation-only sites must take part too.
+    min_available_sites: int = 0
     min_cases_to_report: int = 3
     seed: int = 0
     run_dir: str = ""
@@ -83,6 +86,11 @@ class RunConfig:
             raise ConfigError("wait-for-sites must be >= 0 and round-timeout >= 1")
         if self.patch_size % 16:
             raise ConfigError(f"patch-size must be a multiple of 16, got {self.patch_size}")
+
+    @property
+    def available_sites(self) -> int:
+        """Connected sites a round waits for (at most wait-for-sites seconds)."""
+        return max(self.min_available_sites, self.min_train_sites)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, object]) -> RunConfig:

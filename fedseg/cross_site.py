@@ -127,7 +127,7 @@ def run_cross_site(
     grid: Grid, *, run: RunConfig, start: ArrayRecord, global_model: ArrayRecord, book: MetricsBook
 ) -> CrossSiteResult:
     """Train the local models, then validate them and the global model everywhere."""
-    nodes = wait_for_sites(grid, minimum=run.min_train_sites, timeout_s=run.wait_for_sites)
+    nodes = wait_for_sites(grid, minimum=run.available_sites, timeout_s=run.wait_for_sites)
     local = train_local_models(grid, nodes, start=start, run=run, book=book)
     models = {GLOBAL: global_model, **{site: local[site] for site in sorted(local)}}
     entries, evaluation = evaluate_models(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -35,11 +36,20 @@ def exchange(
     A site that never answers is simply absent from the result; one whose SuperNode died is
     answered by the SuperLink with an error reply once its heartbeat lapses.
     """
-    pending = set(grid.push_messages(messages))
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    destination = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
+    pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout_s
     while pending and time.monotonic() < deadline:
         arrived = list(grid.pull_messages(pending))
+        for reply in arrived:
+            if reply.metadata.src_node_id == SUPERLINK_NODE_ID:
+                # The SuperLink answers for a node that went silent (NODE_UNAVAILABLE) under
+                # its own id; the failure is that node's, so it is recorded under its site.
+                dst = destination.get(reply.metadata.reply_to_message_id, SUPERLINK_NODE_ID)
+                reply.metadata.__dict__["_src_node_id"] = dst
         replies.extend(arrived)
         pending -= {m.metadata.reply_to_message_id for m in arrived}
         if pending:
@@ -56,7 +66,8 @@ def wait_for_sites(grid: Grid, *, minimum: int, timeout_s: float) -> list[int]:
     while len(nodes := sorted(grid.get_node_ids())) < minimum:
         if time.monotonic() > deadline:
             raise SitesMissingError(
-                f"only {len(nodes)} of the {minimum} sites required (min-train-sites) "
+                f"only {len(nodes)} of the {minimum} sites required (min-train-sites, "
+                "min-available-sites) "
                 f"connected within {timeout_s:.0f} s (wait-for-sites)"
             )
         time.sleep(POLL_SECONDS)

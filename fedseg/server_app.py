@@ -126,7 +126,7 @@ def run_training(
         plan=RoundPlan(
             first_round=first_round,
             last_round=last_round,
-            min_sites=run.min_train_sites,
+            min_sites=run.available_sites,
             wait_for_sites_s=run.wait_for_sites,
             round_timeout_s=run.round_timeout,
         ),

@@ -209,7 +209,7 @@ def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
         "fraction_evaluate": 1.0,
         "min_train_nodes": run.min_train_sites,
         "min_evaluate_nodes": run.min_train_sites,
-        "min_available_nodes": run.min_train_sites,
+        "min_available_nodes": run.available_sites,
         "weighted_by_key": "num-examples",
     }
     strategy: _Recording

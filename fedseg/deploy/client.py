@@ -226,6 +226,28 @@ def run_client(settings: ClientSettings, *, say: Callable[[str], None]) -> int:
             stop_process_tree(proc)
 
 
+# What Flower's SuperNode logs when the SuperLink refuses it, and what the site should do.
+_REFUSALS = {
+    "Failed to activate SuperNode": "the SuperLink does not know this site's key: ask the "
+    "coordinator to register the .pub (fedseg register-sites or flwr supernode register)",
+    "CERTIFICATE_VERIFY_FAILED": "the SuperLink's certificate does not verify against "
+    "root-certificates",
+}
+
+
+def _reason(log: Path) -> str:
+    """A plain reason for a refusal Flower logged, or the log's last error line."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    for marker, reason in _REFUSALS.items():
+        if marker in text:
+            return f": {reason}"
+    errors = [line.strip() for line in text.splitlines() if "error" in line.lower()]
+    return f": {errors[-1][-300:]}" if errors else ""
+
+
 def _supervise(procs: dict[str, subprocess.Popen[bytes]], *, logs: Path) -> int:
     stop = {"now": False}
 
@@ -238,7 +260,7 @@ def _supervise(procs: dict[str, subprocess.Popen[bytes]], *, logs: Path) -> int:
             for name, proc in procs.items():
                 if proc.poll() is not None:
                     raise ConfigError(f"{logs / name}.log: {name} stopped with exit code "
-                                      f"{proc.returncode}")  # fmt: skip
+                                      f"{proc.returncode}{_reason(logs / f'{name}.log')}")  # fmt: skip
             time.sleep(0.5)
         return 0
     finally:

@@ -1,0 +1,179 @@
+"""A study interrupted after a round continues from it: rounds, model and history restored."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedseg.artifacts import load_weights
+from fedseg.config import ConfigError, RunConfig
+from fedseg.records import WEIGHTS, pack_weights
+from fedseg.rounds import SitesMissingError
+from fedseg.server_app import run_study
+from fedseg.task.model import build_model
+
+SITES = {7: "hospital-a", 8: "hospital-b"}
+
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+class _Sites:
+    """A fake Grid: every site adds 1 to each weight it trains and reports Dice = round / 10;
+    ``crash_in_round`` makes the server's process die when that round's training is sent."""
+
+    def __init__(self, *, crash_in_round: int = 0, nodes: dict[int, str] | None = None) -> None:
+        self.crash_in_round, self.nodes = crash_in_round, SITES if nodes is None else nodes
+        self.rounds_sent: list[int] = []
+        self.replies: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        self.replies = []
+        for msg in messages:
+            config = msg.content["config"]
+            assert isinstance(config, ConfigRecord)
+            server_round = int(config["server-round"])  # type: ignore[call-overload]
+            if msg.metadata.message_type == "train":
+                if server_round == self.crash_in_round:
+                    raise KeyboardInterrupt("the coordinator's machine went down")
+                self.rounds_sent.append(server_round)
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            self.replies.append(self._reply(msg, server_round))
+        return [r.metadata.reply_to_message_id for r in self.replies]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [r for r in self.replies if r.metadata.reply_to_message_id in set(message_ids)]
+
+    def _reply(self, msg: Message, server_round: int) -> Message:
+        name = self.nodes[msg.metadata.dst_node_id]
+        content = RecordDict({"site": ConfigRecord({"site": name, "fingerprint": f"fp-{name}"})})
+        if msg.metadata.message_type == "train":
+            arrays = msg.content["arrays"]
+            assert isinstance(arrays, ArrayRecord)
+            content["arrays"] = ArrayRecord({WEIGHTS: Array(arrays[WEIGHTS].numpy() + 1)})
+            content["metrics"] = MetricRecord({"num-examples": 4, "train-loss": 0.5,
+                                               "local-steps": 2, "train-seconds": 1.0})  # fmt: skip
+        else:
+            values: dict[str, float | int] = {"num-examples": 3}
+            for region in ("WT", "TC", "ET"):
+                for stat in ("mean", "median", "std", "p5", "p95"):
+                    values[f"dice-{region}-{stat}"] = server_round / 10
+                    values[f"hd95-{region}-{stat}"] = 1.0
+            content["metrics"] = MetricRecord(values)
+        return Message(content, reply_to=msg)
+
+
+def _run(tmp_path: Path, **overrides: object) -> RunConfig:
+    base = RunConfig(num_server_rounds=3, min_train_sites=2, run_dir=str(tmp_path / "run"),
+                     wait_for_sites=0)  # fmt: skip
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def _interrupted(tmp_path: Path) -> RunConfig:
+    run = _run(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(run, Path(run.run_dir), _Sites(crash_in_round=2))  # type: ignore[arg-type]
+    return run
+
+
+def test_resumed_study_continues_the_round_counter_model_and_history(tmp_path: Path) -> None:
+    # Prepare
+    run = _interrupted(tmp_path)
+    run_dir = Path(run.run_dir)
+    round_one = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in round_one] == [1]
+    # Execute
+    sites = _Sites()
+    run_study(replace(run, resume=True), run_dir, sites)  # type: ignore[arg-type]
+    # Assert
+    assert sites.rounds_sent == [2, 2, 3, 3]  # two sites a round, from round 2 on
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    assert metrics["rounds"][0] == round_one[0]
+    assert metrics["final"]["sites"]["hospital-a"]["dice"]["WT"] == pytest.approx(0.3)
+    # Three rounds of +1 from the seeded start: resuming from scratch would give +2.
+    start = build_model("tiny", seed=0).state_dict()
+    final = load_weights(run_dir / "model.pt")
+    for name, tensor in start.items():
+        torch.testing.assert_close(final[name], tensor + 3)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["last_round"] == 3 and state["node_sites"] == {
+        "7": "hospital-a",
+        "8": "hospital-b",
+    }
+
+
+def test_resume_refuses_a_different_study_and_a_finished_one(tmp_path: Path) -> None:
+    run = _interrupted(tmp_path)
+    run_dir = Path(run.run_dir)
+    with pytest.raises(ConfigError, match=r"state.json: .*differs in \['learning-rate'\]"):
+        run_study(replace(run, resume=True, learning_rate=0.1), run_dir, _Sites())  # type: ignore[arg-type]
+    run_study(replace(run, resume=True), run_dir, _Sites())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="all 3 rounds are done"):
+        run_study(replace(run, resume=True), run_dir, _Sites())  # type: ignore[arg-type]
+
+
+def test_resume_without_a_completed_round_says_so(tmp_path: Path) -> None:
+    run = _run(tmp_path, resume=True)
+    with pytest.raises(ConfigError, match="state.json: no such file"):
+        run_study(run, Path(run.run_dir), _Sites())  # type: ignore[arg-type]
+
+
+def test_too_few_sites_fail_after_wait_for_sites(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    sites = _Sites(nodes={7: "hospital-a"})
+    with pytest.raises(SitesMissingError, match=r"only 1 of the 2 sites .*within 0 s"):
+        run_study(run, Path(run.run_dir), sites)  # type: ignore[arg-type]
+
+
+def test_packed_weights_round_trip_and_refuse_another_preset() -> None:
+    from fedseg.records import unpack_weights
+
+    state = build_model("tiny", seed=3).state_dict()
+    back = unpack_weights(pack_weights(state), build_model("tiny", seed=0).state_dict())
+    for name, tensor in state.items():
+        torch.testing.assert_close(back[name], tensor, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the preset needs"):
+        unpack_weights(pack_weights(state), build_model("brats", seed=0).state_dict())
+
+
+def test_a_silent_site_answered_for_by_the_superlink_is_named() -> None:
+    """A SuperNode that dies mid-round is answered for by the SuperLink (NODE_UNAVAILABLE,
+    sent from the SuperLink's own node id); the failure belongs to the site that went silent."""
+    from flwr.app import Error
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from fedseg.rounds import exchange
+    from fedseg.strategies import MetricsBook
+
+    class _OneDies(_Sites):
+        def _reply(self, msg: Message, server_round: int) -> Message:
+            if msg.metadata.dst_node_id == 8:
+                reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+                return reply
+            return super()._reply(msg, server_round)
+
+    book = MetricsBook(node_sites=dict(SITES))
+    train = ConfigRecord({"server-round": 2})
+    messages = [Message(RecordDict({"arrays": pack_weights({"w": torch.zeros(2)}),
+                                    "config": train}), dst_node_id=n, message_type="train")
+                for n in SITES]  # fmt: skip
+    book.record_train(2, exchange(_OneDies(), messages, timeout_s=1))  # type: ignore[arg-type]
+    assert book.rounds[2].failures == [
+        {"site": "hospital-b", "phase": "train", "reason": "Node Unavailable"}
+    ]
+    assert set(book.rounds[2].train) == {"hospital-a"}
