@@ -259,8 +259,10 @@ def _supervise(procs: dict[str, subprocess.Popen[bytes]], *, logs: Path) -> int:
         while not stop["now"]:
             for name, proc in procs.items():
                 if proc.poll() is not None:
-                    raise ConfigError(f"{logs / name}.log: {name} stopped with exit code "
-                                      f"{proc.returncode}{_reason(logs / f'{name}.log')}")  # fmt: skip
+                    log = logs / f"{name}.log"
+                    raise ConfigError(
+                        f"{log}: {name} stopped with exit code {proc.returncode}{_reason(log)}"
+                    )
             time.sleep(0.5)
         return 0
     finally:

@@ -128,7 +128,7 @@ def test_resume_refuses_a_different_study_and_a_finished_one(tmp_path: Path) -> 
 
 def test_resume_without_a_completed_round_says_so(tmp_path: Path) -> None:
     run = _run(tmp_path, resume=True)
-    with pytest.raises(ConfigError, match="state.json: no such file"):
+    with pytest.raises(ConfigError, match=r"state\.json: no such file"):
         run_study(run, Path(run.run_dir), _Sites())  # type: ignore[arg-type]
 
 
