@@ -38,6 +38,7 @@ from fedseg.records import (
     unpack_weights,
 )
 from fedseg.task.data import training_batches
+from fedseg.task.device import resolve_device
 from fedseg.task.model import build_model
 from fedseg.task.train import TrainSettings, train_local
 from fedseg.task.validate import SiteValidation, validate_models
@@ -127,15 +128,15 @@ def _answer(
     return Message(content=content, reply_to=msg)
 
 
-def _model_from(arrays: object, run: RunConfig) -> torch.nn.Module:
+def _model_from(arrays: object, run: RunConfig, site: SiteConfig) -> torch.nn.Module:
     model = build_model(run.model_preset, seed=run.seed)
     assert isinstance(arrays, ArrayRecord)
     model.load_state_dict(unpack_weights(arrays, model.state_dict()))
-    return model
+    return model.to(resolve_device(site.device))
 
 
-def _train(msg: Message, run: RunConfig, _: SiteConfig, manifest: SiteManifest) -> RecordDict:
-    model = _model_from(msg.content["arrays"], run)
+def _train(msg: Message, run: RunConfig, site: SiteConfig, manifest: SiteManifest) -> RecordDict:
+    model = _model_from(msg.content["arrays"], run, site)
     config = msg.content["config"]
     assert isinstance(config, ConfigRecord)
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
@@ -179,7 +180,7 @@ def validation_metrics(
 
 
 def _evaluate(msg: Message, run: RunConfig, site: SiteConfig, manifest: SiteManifest) -> RecordDict:
-    model = _model_from(msg.content["arrays"], run)
+    model = _model_from(msg.content["arrays"], run, site)
     [result] = validate_models({"global": model}, manifest, roi_size=run.patch_size).values()
     values = validation_metrics(
         result, min_cases=site.min_cases(run), share_per_case=site.consent.share_per_case
@@ -194,7 +195,7 @@ def _evaluate_models(
     config = msg.content["config"]
     assert isinstance(config, ConfigRecord)
     count = int(config["num-models"])  # type: ignore[arg-type]
-    models = {f"{i}": _model_from(msg.content[f"model-{i}"], run) for i in range(count)}
+    models = {f"{i}": _model_from(msg.content[f"model-{i}"], run, site) for i in range(count)}
     results = validate_models(models, manifest, roi_size=run.patch_size)
     reply = RecordDict()
     for key, result in results.items():

@@ -8,6 +8,7 @@ Everything downstream receives these typed objects, never the raw mappings.
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -16,6 +17,8 @@ from pathlib import Path
 Scalar = bool | int | float | str | bytes
 
 STRATEGIES = ("fedavg", "fedprox")
+# A site's compute device: auto (a CUDA GPU when torch sees one), cpu, cuda, cuda:N.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MODES = ("train", "evaluate", "cross-site")
 
 
@@ -113,6 +116,7 @@ SITE_CONFIG_NAME = "site.toml"
 # is refused: a misspelt ``trian = false`` must not silently leave a site training.
 _SITE_KEYS = (
     "data-path",
+    "device",
     "num-threads",
     "min-cases-to-report",
     "train",
@@ -146,6 +150,8 @@ class SiteConfig:
     """One site's own settings, from its SuperNode's node config or its ``site.toml``."""
 
     data_path: Path
+    # auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N: fedseg.task.device.
+    device: str = "auto"
     num_threads: int = 0
     consent: Consent = Consent()
     # The site's own floor for min-cases-to-report: the server sets the study's, but cannot
@@ -191,11 +197,15 @@ class SiteConfig:
                 for f in fields(Consent)
             }
             threads = _get(values, "num-threads", int, 0)
+            device = str(_get(values, "device", str, "auto"))
+            if not DEVICE_PATTERN.fullmatch(device):
+                raise ConfigError(f"device '{device}' unknown; use auto, cpu, cuda or cuda:N")
             floor = _get(values, "min-cases-to-report", int, 0)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         return cls(
             data_path=Path(str(values["data-path"])),
+            device=device,
             num_threads=int(threads),  # type: ignore[call-overload]
             consent=Consent(**consent),  # type: ignore[arg-type]
             min_cases_to_report=int(floor),  # type: ignore[call-overload]

@@ -53,6 +53,7 @@ from fedseg.deploy.processes import (
     wait_until_listening,
 )
 from fedseg.simulation import flower_env, stop_process_tree
+from fedseg.task.device import resolve_device
 
 _CONNECTION_KEYS = ("superlink", "root-certificates", "auth-private-key", "runtime-port",
                     "executor", "insecure", "work-dir")  # fmt: skip
@@ -151,6 +152,8 @@ def preflight(settings: ClientSettings, *, say: Callable[[str], None]) -> SiteMa
         )
     counts = f"{len(manifest.train_cases)} training, {len(manifest.validation_cases)} validation"
     say(f"site data: {manifest.site}, {counts} cases, fingerprint {manifest.fingerprint[:12]}")
+    device = resolve_device(settings.site.device)
+    say(f"compute device: {device}")
     # The server could ask for anything; refuse a site that can take part in nothing.
     if not (settings.site.consent.train or settings.site.consent.evaluate):
         raise ConfigError(f"{settings.source}: the site consents to neither train nor evaluate")

@@ -24,6 +24,8 @@ def predict_probabilities(
     ``sw_batch_size`` >= 2 keeps CPU convolutions off PyTorch's slow batch-1 path.
     """
     model.eval()
+    # Windows run where the model is; the whole-volume output is stitched on the image's
+    # device (the CPU), so a GPU never holds more than a batch of windows.
     logits = sliding_window_inference(
         image[None],
         roi_size=(roi_size,) * 3,
@@ -31,6 +33,8 @@ def predict_probabilities(
         predictor=model,
         overlap=overlap,
         mode="gaussian",
+        sw_device=next(model.parameters()).device,
+        device=image.device,
     )
     assert isinstance(logits, torch.Tensor)
     return torch.sigmoid(logits[0])

@@ -65,10 +65,12 @@ def train_local(
     loss_fn = make_loss()
     model.train()
     losses: list[float] = []
+    device = next(model.parameters()).device
     for _ in range(settings.steps):
         batch = next(batches)
         optimiser.zero_grad(set_to_none=True)
-        loss = loss_fn(model(batch["image"]), batch["label"])
+        image, label = batch["image"].to(device), batch["label"].to(device)
+        loss = loss_fn(model(image), label)
         if settings.proximal_mu > 0:
             loss = loss + settings.proximal_mu / 2 * proximal_term(model, global_params)
         loss.backward()  # type: ignore[no-untyped-call]

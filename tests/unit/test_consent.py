@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -191,3 +192,20 @@ def test_site_entry_without_per_case_lists_has_none() -> None:
     values = validation_metrics(_validation(3), min_cases=3, share_per_case=False)
     entry = site_entry(MetricRecord(values), ConfigRecord({"site": "a", "fingerprint": "f"}))
     assert "per_case" not in entry and entry["n_cases"] == 3
+
+
+def test_site_device_is_the_sites_choice_and_checked() -> None:
+    """``device`` is a site setting; a device torch cannot use is refused, never silently
+    replaced (a CUDA site falling back to its CPU would take days per round)."""
+    from fedseg.task.device import resolve_device
+
+    site = SiteConfig.from_mapping({"data-path": "/d", "device": "cpu"}, source="site.toml")
+    assert site.device == "cpu"
+    assert SiteConfig.from_mapping({"data-path": "/d"}, source="x").device == "auto"
+    with pytest.raises(ConfigError, match=r"site\.toml: device 'gpu' unknown"):
+        SiteConfig.from_mapping({"data-path": "/d", "device": "gpu"}, source="site.toml")
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+            resolve_device("cuda:0")
