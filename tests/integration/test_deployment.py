@@ -136,7 +136,7 @@ def test_unregistered_supernode_and_wrong_ca_are_refused(
     # Prepare
     with loopback_federation(tmp_path / "fed", tls=True) as federation:
         stranger = federation.site_config("hospital-a", sites["hospital-a"], registered=False)
-        federation.start_site("hospital-a", stranger)
+        refused = federation.start_site("hospital-a", stranger)
         other = tmp_path / "other-pki"
         init_pki(other)
         add_site(other, site="hospital-b")
@@ -153,13 +153,12 @@ def test_unregistered_supernode_and_wrong_ca_are_refused(
             [sys.executable, "-m", "fedseg", "client", "--site-config", str(wrong), "--check-only"],
             env=federation.env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        _wait_for(lambda: federation.procs["hospital-a"].poll() is not None, timeout=60,
-                  what="the refused client to stop")  # fmt: skip
+        _wait_for(lambda: refused.poll() is not None, timeout=60, what="the refused client")
         log = (federation.work / "sites" / "hospital-a" / "client.log").read_text()
     # Assert
     nodes = json.loads(listed.stdout[listed.stdout.index("{") :]).get("nodes", [])
     assert [n for n in nodes if n.get("status") == "online"] == [], listed.stdout
-    assert federation.procs["hospital-a"].returncode == 1
+    assert refused.returncode == 1
     assert "does not know this site's key" in log, log[-2000:]
     assert checked.returncode == 1
     assert str(other / "ca.crt") in checked.stderr and "does not verify" in checked.stderr
