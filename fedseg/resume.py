@@ -2,7 +2,7 @@
 
 Flower keeps no checkpoint of a ServerApp. After every completed round the server writes
 ``state.json`` beside the round's checkpoint: the round, the checkpoint and its sha256, the
-node-to-site names, the strategy and its state, and the run config. ``fedseg study --resume
+node-to-site names, the strategy, and the run config. ``fedseg study --resume
 RUN_DIR`` submits the same config with ``resume = true``; the server then continues with the
 next round, so at most the round in flight is lost.
 """
@@ -31,21 +31,23 @@ class ResumePoint:
     last_round: int
     weights: dict[str, Any]
     book: MetricsBook
-    strategy_state: dict[str, Any]
 
 
 def state_payload(
-    *, run: RunConfig, last_round: int, checkpoint: Path, sha256: str, book: MetricsBook,
-    strategy_state: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
-    """The content of ``state.json`` after ``last_round``."""
+    *, run: RunConfig, last_round: int, checkpoint: Path, sha256: str, book: MetricsBook
+) -> dict[str, Any]:
+    """The content of ``state.json`` after ``last_round``.
+
+    FedAvg and FedProx keep no state beyond their configuration, which the resume check
+    compares key by key; a strategy with server-side state (adaptive moments) must add it
+    here.
+    """
     return {
         "last_round": last_round,
         "checkpoint": checkpoint.name,
         "checkpoint_sha256": sha256,
         "node_sites": {str(k): v for k, v in book.node_sites.items()},
         "strategy": run.strategy,
-        "strategy_state": strategy_state,
         "config": run.to_flower(),
     }
 
@@ -94,5 +96,4 @@ def load_resume_point(run_dir: Path, run: RunConfig) -> ResumePoint:
         last_round=last,
         weights=load_weights(checkpoint),
         book=MetricsBook.restore(metrics["rounds"], node_sites=node_sites, up_to=last),
-        strategy_state=dict(state.get("strategy_state", {})),
     )

@@ -42,7 +42,7 @@ class RoundWriter:
             digest = save_weights(checkpoint, state_dict(arrays, self.run))
             # Written last: it names only a checkpoint and metrics that are complete on disk.
             state = state_payload(run=self.run, last_round=server_round, checkpoint=checkpoint,
-                                  sha256=digest, book=self.book, strategy_state={})  # fmt: skip
+                                  sha256=digest, book=self.book)  # fmt: skip
             write_json(self.run_dir / STATE_NAME, state)
         record = self.book.rounds.get(server_round)
         for site, scores in sorted(record.sites.items()) if record else []:

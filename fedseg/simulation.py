@@ -112,6 +112,15 @@ def stop_process_tree(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> 
         proc.wait(timeout=5)
 
 
+def kill_process_tree(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """SIGKILL a process and everything below it at once, as a power cut would."""
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
 @contextmanager
 def local_superlink(work_dir: Path) -> Iterator[dict[str, str]]:
     """A simulation-mode SuperLink on free loopback ports; yields the env for ``flwr``."""

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MARKERS = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")
+MARKERS = (
+    "flower-superlink", "flower-superexec", "flower-supernode", "flwr-simulation", "raylet",
+    "gcs_server", "fedseg.deploy.supernode", "fedseg.deploy.superexec", "-m fedseg client",
+    "-m fedseg superlink",
+)  # fmt: skip
 
 
 def flower_processes() -> set[int]:

@@ -17,6 +17,7 @@ The site config stays at the hospital (it is never part of the app bundle)::
     auth-private-key = "/etc/fedseg/hospital-a.key"  # registered with the coordinator
     runtime-port = 9094                 # loopback only: SuperNode <-> ClientApp
     executor = "fedseg"                 # or "flower": a fresh process per message
+    work-dir = "/var/lib/fedseg"        # logs, node config, app cache (default: beside this)
     # insecure = true                   # loopback trials only: no TLS, no authentication
 
 Before anything connects, the data folder passes ``check-site``, the certificates and the key

@@ -8,12 +8,10 @@ here, by PID, also on error.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import tomli_w
 from fedseg.deploy.coordinator import register_site
 from fedseg.deploy.pki import PkiPaths, add_site, init_pki
 from fedseg.deploy.processes import free_port, start, wait_until_listening
-from fedseg.simulation import flower_env, stop_process_tree
+from fedseg.simulation import flower_env, kill_process_tree, stop_process_tree
 
 CONNECTION = "pilot"
 
@@ -108,13 +106,7 @@ class LoopbackFederation:
 
     def kill(self, name: str) -> None:
         """SIGKILL a site's client and everything below it, as a power cut would."""
-        proc = self.procs.pop(name)
-        from fedseg.simulation import _descendants
-
-        for pid in [*_descendants(proc.pid), proc.pid]:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        kill_process_tree(self.procs.pop(name))
 
     def stop(self, name: str) -> None:
         stop_process_tree(self.procs.pop(name))

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 
 from flwr.common.logger import log
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 
 # The app's own packages: imported for the warm-up, then dropped so the child imports the
 # bundle's copy. Everything else stays loaded.
@@ -86,26 +88,24 @@ class ForkingExecutor:
     children: dict[int, tuple[int, float]] = field(default_factory=dict)  # pid -> task, start
 
     def get_eligible_capacity(
-        self, supported_task_types: set[object], **_: object
-    ) -> tuple[set[object], set[str]]:
+        self, supported_task_types: set[TaskType], **_: object
+    ) -> tuple[set[TaskType], set[str]]:
         return supported_task_types, set()
 
     def wait_for_capacity(self, *_: object, **__: object) -> None:
         return None
 
-    def launch(self, spec: object) -> object:
-        from flwr.supercore.superexec.executor import LaunchResult
-
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
         pid = os.fork()
         if pid == 0:
             _run_child(
-                runtime_api_address=spec.runtime_api_address,  # type: ignore[attr-defined]
-                token=spec.token,  # type: ignore[attr-defined]
-                insecure=spec.insecure,  # type: ignore[attr-defined]
-                root_certificates=spec.root_certificates_path,  # type: ignore[attr-defined]
+                runtime_api_address=spec.runtime_api_address,
+                token=spec.token,
+                insecure=spec.insecure,
+                root_certificates=spec.root_certificates_path,
             )
-        self.children[pid] = (spec.task_id, time.monotonic())  # type: ignore[attr-defined]
-        log(INFO, "fedseg superexec: task %s in process %d", spec.task_id, pid)  # type: ignore[attr-defined]
+        self.children[pid] = (spec.task_id, time.monotonic())
+        log(INFO, "fedseg superexec: task %s in process %d", spec.task_id, pid)
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
@@ -130,7 +130,6 @@ def serve(*, runtime_api_address: str, insecure: bool, root_certificates: str | 
     """The SuperExec loop of Flower's ``run_superexec``, with the forking executor and a short
     poll (Flower's is 1 s; each message waits on it)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
-    from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
