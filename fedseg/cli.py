@@ -408,8 +408,6 @@ def superlink(
 
     Without --pki it refuses anything but loopback (an insecure local trial).
     """
-    import subprocess
-
     from fedseg.deploy.coordinator import superlink_args
     from fedseg.deploy.processes import TRANSFER_ENV
     from fedseg.simulation import FLOWER_ENV
@@ -417,7 +415,10 @@ def superlink(
     command = superlink_args(pki_dir=pki, host=host, port=port, database=database,
                              check_host=server_name)  # fmt: skip
     _progress(" ".join(command))
-    raise typer.Exit(subprocess.call(command, env={**os.environ, **FLOWER_ENV, **TRANSFER_ENV}))
+    env = {**os.environ, **FLOWER_ENV, **TRANSFER_ENV}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    # exec, not a child: signals (docker stop, systemd) reach the SuperLink itself.
+    os.execvpe(command[0], command, env)
 
 
 @app.command("register-sites")

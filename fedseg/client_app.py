@@ -123,7 +123,13 @@ def _answer(
         run, site, manifest = _open_site(context, action)
     except SiteDeclinedError as no:
         return decline_reply(msg, site=no.site, reason=no.reason, kind=no.kind)
-    content = work(msg, run, site, manifest)
+    try:
+        content = work(msg, run, site, manifest)
+    except Exception:  # anything: its text may hold paths or case ids
+        # Flower would send the exception's text to the server; it stays in the site's log.
+        log(ERROR, "%s failed at this site, declining", action, exc_info=True)
+        reason = f"the site could not complete {action}; details are in the site's log"
+        return decline_reply(msg, site=manifest.site, reason=reason, kind="invalid-data")
     content["site"] = identity_record(manifest.site, manifest.fingerprint)
     return Message(content=content, reply_to=msg)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -42,8 +43,25 @@ def pack_weights(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     ~80 tensors made that seconds per message on loopback, one vector costs a call per 5 MB
     chunk. FedAvg's weighted mean of the vector is exactly the per-tensor weighted mean.
     """
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float32).cpu() for t in state.values()])
+    other = sorted({str(t.dtype) for t in state.values()} - {"torch.float32"})
+    if other:
+        raise ValueError(f"model weights must all be float32 to travel packed, found {other}")
+    flat = torch.cat([t.detach().reshape(-1).cpu() for t in state.values()])
     return ArrayRecord({WEIGHTS: Array(flat.numpy())})
+
+
+def update_problem(arrays: ArrayRecord, *, size: int) -> str | None:
+    """Why a site's trained weights cannot enter the average (``None`` when they can): one
+    packed vector of the preset's size, every value finite. Flower's own check compares only
+    the keys, and a broadcastable vector of the wrong length would be averaged silently."""
+    if list(arrays) != [WEIGHTS]:
+        return f"the update is not one packed '{WEIGHTS}' array"
+    values = arrays[WEIGHTS].numpy()
+    if values.size != size:
+        return f"the update holds {values.size} values; the model has {size}"
+    if not np.isfinite(values).all():
+        return "the update holds NaN or infinite values"
+    return None
 
 
 def unpack_weights(

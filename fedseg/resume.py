@@ -9,7 +9,10 @@ next round, so at most the round in flight is lost.
 
 from __future__ import annotations
 
+import fcntl
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,10 @@ from fedseg.strategies import MetricsBook
 
 STATE_NAME = "state.json"
 # Keys a resumed study may change: where it waits and how long, and how many rounds in all.
-MAY_CHANGE = frozenset({"resume", "wait-for-sites", "round-timeout", "num-server-rounds"})
+MAY_CHANGE = frozenset({
+    "resume", "run-dir", "wait-for-sites", "round-timeout", "num-server-rounds",
+    "min-available-sites",
+})  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +58,22 @@ def state_payload(
     }
 
 
+@contextmanager
+def study_lock(run_dir: Path) -> Iterator[None]:
+    """Held by the ServerApp for the whole study: a second ServerApp on the same run folder
+    (a resume while the first still runs, its stream only lost) is refused."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / ".lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{run_dir}: a ServerApp is still running this study (check `flwr ls`); "
+                "resume only once it has stopped"
+            ) from None
+        yield
+
+
 def read_state(run_dir: Path) -> dict[str, Any]:
     """``state.json`` of a run folder, with a clear error when there is none."""
     path = run_dir / STATE_NAME
@@ -73,27 +95,39 @@ def changed_keys(saved: dict[str, Scalar], now: dict[str, Scalar]) -> list[str]:
     return sorted(k for k in keys if saved.get(k) != now.get(k))
 
 
-def load_resume_point(run_dir: Path, run: RunConfig) -> ResumePoint:
-    """Check that ``run`` continues the study in ``run_dir`` and load where it stopped."""
+def load_resume_point(run_dir: Path, run: RunConfig, *, weights_size: int = 0) -> ResumePoint:
+    """Check that ``run`` continues the study in ``run_dir`` and load where it stopped.
+
+    A study that died after its last round but before writing ``model.pt`` resumes with no
+    round left to run: the final model is written from the last checkpoint.
+    """
+    where = run_dir / STATE_NAME
     state = read_state(run_dir)
-    changed = changed_keys(state["config"], run.to_flower())
+    try:
+        changed = changed_keys(state["config"], run.to_flower())
+        last, name = int(state["last_round"]), str(state["checkpoint"])
+        digest, names = str(state["checkpoint_sha256"]), dict(state["node_sites"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(
+            f"{where}: incomplete study state ({err!r} missing or malformed)"
+        ) from None
     if changed:
         raise ConfigError(
-            f"{run_dir / STATE_NAME}: the resumed run config differs in {changed}; a resumed "
-            "study must be the same study"
+            f"{where}: the resumed run config differs in {changed}; a resumed study must be "
+            "the same study"
         )
-    last = int(state["last_round"])
-    if last >= run.num_server_rounds:
-        raise ConfigError(
-            f"{run_dir / STATE_NAME}: all {run.num_server_rounds} rounds are done already"
-        )
-    checkpoint = run_dir / "checkpoints" / str(state["checkpoint"])
-    if not checkpoint.is_file() or sha256_file(checkpoint) != state["checkpoint_sha256"]:
-        raise ConfigError(f"{checkpoint}: missing or not the checkpoint state.json names")
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    node_sites = {int(k): str(v) for k, v in state["node_sites"].items()}
-    return ResumePoint(
-        last_round=last,
-        weights=load_weights(checkpoint),
-        book=MetricsBook.restore(metrics["rounds"], node_sites=node_sites, up_to=last),
-    )
+    if last >= run.num_server_rounds and (run_dir / "model.pt").is_file():
+        raise ConfigError(f"{where}: all {run.num_server_rounds} rounds are done already")
+    checkpoint = run_dir / "checkpoints" / name
+    if not checkpoint.is_file():
+        raise ConfigError(f"{checkpoint}: missing (state.json names it as round {last}'s)")
+    if sha256_file(checkpoint) != digest:
+        raise ConfigError(f"{checkpoint}: sha256 differs from the one state.json recorded")
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        rounds = list(metrics["rounds"])
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"{run_dir / 'metrics.json'}: unreadable ({err})") from None
+    book = MetricsBook.restore(rounds, node_sites={int(k): str(v) for k, v in names.items()},
+                               up_to=last, weights_size=weights_size)  # fmt: skip
+    return ResumePoint(last_round=last, weights=load_weights(checkpoint), book=book)

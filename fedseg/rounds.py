@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -28,34 +28,48 @@ class SitesMissingError(RuntimeError):
     """Too few sites connected within ``wait-for-sites`` seconds."""
 
 
+def _no_reply(msg: Message, reason: str) -> Message:
+    """An error reply, from the site ``msg`` went to, for a reply that never came."""
+    reply = Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=msg)
+    reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+    return reply
+
+
 def exchange(
     grid: Grid, messages: Iterable[Message], *, timeout_s: float, poll_s: float = POLL_SECONDS
 ) -> list[Message]:
-    """Send ``messages`` and collect the replies that arrive within ``timeout_s``.
+    """Send ``messages``; return one reply per message within ``timeout_s``.
 
-    A site that never answers is simply absent from the result; one whose SuperNode died is
-    answered by the SuperLink with an error reply once its heartbeat lapses.
+    A site that does not answer in time gets an error reply in its name (so it is recorded as
+    that site's failure), and its message expires then (TTL), so a slow site never works on a
+    round the study has left. One whose SuperNode died is answered by the SuperLink once its
+    heartbeat lapses, from the SuperLink's own id: that failure too is put under the site.
     """
     messages = list(messages)
+    for msg in messages:
+        msg.metadata.ttl = float(timeout_s)
     ids = list(grid.push_messages(messages))
-    destination = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
-    pending = set(ids)
-    replies: list[Message] = []
+    # The SuperLink gives "" (or no id at all) for a message it did not store.
+    ids += [""] * (len(messages) - len(ids))
+    sent = {i: m for i, m in zip(ids, messages, strict=True) if i}
+    refused = "the SuperLink did not accept the message for this site"
+    replies = [_no_reply(m, refused) for i, m in zip(ids, messages, strict=True) if not i]
+    pending = set(sent)
     deadline = time.monotonic() + timeout_s
     while pending and time.monotonic() < deadline:
         arrived = list(grid.pull_messages(pending))
         for reply in arrived:
             if reply.metadata.src_node_id == SUPERLINK_NODE_ID:
-                # The SuperLink answers for a node that went silent (NODE_UNAVAILABLE) under
-                # its own id; the failure is that node's, so it is recorded under its site.
-                dst = destination.get(reply.metadata.reply_to_message_id, SUPERLINK_NODE_ID)
-                reply.metadata.__dict__["_src_node_id"] = dst
+                original = sent.get(reply.metadata.reply_to_message_id)
+                if original is not None:
+                    reply.metadata.__dict__["_src_node_id"] = original.metadata.dst_node_id
         replies.extend(arrived)
         pending -= {m.metadata.reply_to_message_id for m in arrived}
         if pending:
             time.sleep(poll_s)
-    if pending:
-        log(INFO, "%d site(s) did not reply within %.0f s", len(pending), timeout_s)
+    for message_id in sorted(pending):
+        reason = f"no reply within round-timeout ({timeout_s:.0f} s)"
+        replies.append(_no_reply(sent[message_id], reason))
     return replies
 
 
@@ -72,6 +86,30 @@ def wait_for_sites(grid: Grid, *, minimum: int, timeout_s: float) -> list[int]:
             )
         time.sleep(POLL_SECONDS)
     return nodes
+
+
+class _Snapshot:
+    """The grid as Flower's strategy sees it: the nodes of one bounded wait.
+
+    Flower's ``sample_nodes`` waits without limit until ``min_available_nodes`` are online, and
+    counts them twice; a site dropping out in between would hang the study. Against a
+    snapshot it never waits, and a node that went offline meanwhile is answered for by the
+    SuperLink (recorded as that site's failure).
+    """
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._grid, name)
+
+
+def _sites(grid: Grid, plan: RoundPlan) -> Grid:
+    nodes = wait_for_sites(grid, minimum=plan.min_sites, timeout_s=plan.wait_for_sites_s)
+    return _Snapshot(grid, nodes)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,13 +135,14 @@ def run_rounds(
     checkpoint). A round whose aggregation yields nothing keeps the previous model."""
     for server_round in range(plan.first_round, plan.last_round + 1):
         log(INFO, "[ROUND %d/%d]", server_round, plan.last_round)
-        wait_for_sites(grid, minimum=plan.min_sites, timeout_s=plan.wait_for_sites_s)
-        train = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        train = strategy.configure_train(server_round, arrays, ConfigRecord(), _sites(grid, plan))
         replies = exchange(grid, train, timeout_s=plan.round_timeout_s)
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is not None:
             arrays = aggregated
-        evaluate = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        evaluate = strategy.configure_evaluate(
+            server_round, arrays, ConfigRecord(), _sites(grid, plan)
+        )
         strategy.aggregate_evaluate(
             server_round, exchange(grid, evaluate, timeout_s=plan.round_timeout_s)
         )

@@ -3,6 +3,7 @@ evaluation-only and cross-site validation runs."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
@@ -18,7 +19,7 @@ from fedseg.artifacts import load_weights, save_weights, write_json
 from fedseg.config import RunConfig
 from fedseg.cross_site import run_cross_site
 from fedseg.records import pack_weights, unpack_weights
-from fedseg.resume import STATE_NAME, load_resume_point, state_payload
+from fedseg.resume import STATE_NAME, load_resume_point, state_payload, study_lock
 from fedseg.rounds import RoundPlan, run_rounds
 from fedseg.strategies import MetricsBook, build_strategy
 from fedseg.task.model import build_model
@@ -30,10 +31,13 @@ class RoundWriter:
     """Called after every round: checkpoint the global model, rewrite ``metrics.json`` and the
     restart point, so a crashed study leaves everything up to its last round and can resume."""
 
-    def __init__(self, run_dir: Path, book: MetricsBook, run: RunConfig) -> None:
+    def __init__(
+        self, run_dir: Path, book: MetricsBook, run: RunConfig, *, initial: dict[str, str] | None
+    ) -> None:
         self.run_dir = run_dir
         self.book = book
         self.run = run
+        self.initial = initial
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
         write_json(self.run_dir / "metrics.json", self.payload())
@@ -54,10 +58,7 @@ class RoundWriter:
                 failure["phase"], failure["reason"])  # fmt: skip
 
     def payload(self) -> dict[str, object]:
-        extra: dict[str, object] = {}
-        if self.run.initial_model:
-            path = Path(self.run.initial_model)
-            extra["initial_model"] = {"path": str(path), "sha256": sha256_file(path)}
+        extra: dict[str, object] = {"initial_model": self.initial} if self.initial else {}
         return {
             "fedseg_version": __version__,
             "mode": self.run.mode,
@@ -76,7 +77,8 @@ def main(grid: Grid, context: Context) -> None:
     status = run_dir / "status.json"
     status.unlink(missing_ok=True)
     try:
-        run_study(run, run_dir, grid)
+        with study_lock(run_dir):
+            run_study(run, run_dir, grid)
     except Exception as err:
         write_json(status, {"status": "failed", "reason": f"{type(err).__name__}: {err}"})
         raise
@@ -86,9 +88,11 @@ def main(grid: Grid, context: Context) -> None:
 def run_study(run: RunConfig, run_dir: Path, grid: Grid) -> None:
     """Rounds of training (or one of evaluation, or cross-site validation), then the final
     model and metrics."""
-    book = MetricsBook()
-    writer = RoundWriter(run_dir, book, run)
-    model = initial_model(run)
+    # A resumed study's weights come from its checkpoint; initial-model may have moved since.
+    model = build_model(run.model_preset, seed=run.seed) if run.resume else initial_model(run)
+    size = sum(t.numel() for t in model.state_dict().values())
+    book = MetricsBook(weights_size=size)
+    writer = RoundWriter(run_dir, book, run, initial=initial_model_record(run, run_dir))
     if run.mode == "cross-site":
         # Local models start where the study started: the preset's seeded initialisation.
         start = build_model(run.model_preset, seed=run.seed).state_dict()
@@ -112,7 +116,7 @@ def run_training(
     where an interrupted study stopped."""
     book, first_round = writer.book, 1
     if run.resume:
-        point = load_resume_point(run_dir, run)
+        point = load_resume_point(run_dir, run, weights_size=book.weights_size)
         book = writer.book = point.book
         model.load_state_dict(point.weights)
         first_round = point.last_round + 1
@@ -135,6 +139,20 @@ def run_training(
     if run.mode == "train":
         save_final_model(run_dir, run, book, arrays)
     write_json(run_dir / "metrics.json", writer.payload())
+
+
+def initial_model_record(run: RunConfig, run_dir: Path) -> dict[str, str] | None:
+    """``initial-model``'s path and sha256 for ``metrics.json`` (what the study started from);
+    a resumed study keeps what the interrupted one recorded."""
+    if not run.initial_model:
+        return None
+    previous = run_dir / "metrics.json"
+    if run.resume and previous.is_file():
+        recorded = json.loads(previous.read_text(encoding="utf-8")).get("initial_model")
+        if recorded:
+            return dict(recorded)
+    path = Path(run.initial_model)
+    return {"path": str(path), "sha256": sha256_file(path)}
 
 
 def initial_model(run: RunConfig) -> torch.nn.Module:

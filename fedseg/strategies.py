@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from evaluation.regions import REGION_NAMES
 from fedseg.config import RunConfig
-from fedseg.records import METRICS, declined, site_entry
+from fedseg.records import METRICS, declined, site_entry, update_problem
 
 
 @dataclass
@@ -82,6 +82,8 @@ class MetricsBook:
 
     rounds: dict[int, RoundRecord] = field(default_factory=dict)
     node_sites: dict[int, str] = field(default_factory=dict)
+    # Values in the model's packed weights; a trained update of another size is refused.
+    weights_size: int = 0
 
     def _round(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord(round=server_round))
@@ -122,6 +124,10 @@ class MetricsBook:
         for msg, site, _ in self.successes(record, replies, "train"):
             m, arrays = msg.content["metrics"], msg.content["arrays"]
             assert isinstance(m, MetricRecord) and isinstance(arrays, ArrayRecord)
+            problem = update_problem(arrays, size=self.weights_size) if self.weights_size else None
+            if problem:
+                record.failures.append({"site": site, "phase": "train", "reason": problem})
+                continue
             record.train[site] = {
                 "n_cases": int(m["num-examples"]),  # type: ignore[arg-type]
                 "loss": float(m["train-loss"]),  # type: ignore[arg-type]
@@ -151,11 +157,13 @@ class MetricsBook:
 
     @classmethod
     def restore(
-        cls, rounds: list[dict[str, Any]], *, node_sites: dict[int, str], up_to: int
-    ) -> MetricsBook:
+        cls, rounds: list[dict[str, Any]], *, node_sites: dict[int, str], up_to: int,
+        weights_size: int = 0,
+    ) -> MetricsBook:  # fmt: skip
         """The book as it stood after round ``up_to`` (a resumed study's history)."""
         kept = [RoundRecord.from_json(r) for r in rounds if int(r["round"]) <= up_to]
-        return cls(rounds={r.round: r for r in kept}, node_sites=dict(node_sites))
+        return cls(rounds={r.round: r for r in kept}, node_sites=dict(node_sites),
+                   weights_size=weights_size)  # fmt: skip
 
 
 class _Recording:
@@ -177,7 +185,7 @@ class _Recording:
                 "trained; the global model is unchanged"
             )
             return None, None
-        accepted = [m for m in replies if declined(m) is None]
+        accepted = [m for m in replies if m.metadata.src_node_id in trained]
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc,no-any-return]
 
     def aggregate_evaluate(

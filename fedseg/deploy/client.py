@@ -121,10 +121,17 @@ def read_client_settings(path: Path) -> ClientSettings:
         superlink=str(connection["superlink"]),
         root_certificates=None if insecure else _path(certificates["root-certificates"], base),
         auth_private_key=None if insecure else _path(certificates["auth-private-key"], base),
-        runtime_port=int(connection.get("runtime-port", 9094)),  # type: ignore[call-overload]
+        runtime_port=_port(connection.get("runtime-port", 9094), path),
         executor=executor,
         work_dir=_path(connection.get("work-dir", ".fedseg-client"), base),
     )
+
+
+def _port(value: object, source: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigError(f"{source}: [connection] runtime-port must be a port number, "
+                          f"got {value!r}")  # fmt: skip
+    return value
 
 
 def _host_port(address: str, source: Path) -> tuple[str, int]:
@@ -153,7 +160,10 @@ def preflight(settings: ClientSettings, *, say: Callable[[str], None]) -> SiteMa
         )
     counts = f"{len(manifest.train_cases)} training, {len(manifest.validation_cases)} validation"
     say(f"site data: {manifest.site}, {counts} cases, fingerprint {manifest.fingerprint[:12]}")
-    device = resolve_device(settings.site.device)
+    try:
+        device = resolve_device(settings.site.device)
+    except ValueError as err:
+        raise ConfigError(f"{settings.source}: [site] {err}") from None
     say(f"compute device: {device}")
     # The server could ask for anything; refuse a site that can take part in nothing.
     if not (settings.site.consent.train or settings.site.consent.evaluate):
@@ -189,6 +199,11 @@ def verify_superlink(host: str, port: int, *, ca: Path, say: Callable[[str], Non
             f"{ca}: the SuperLink at {host}:{port} presents a certificate this CA does not "
             f"verify ({err.verify_message}); ask the coordinator for the study's CA"
         ) from None
+    except ssl.SSLError as err:  # e.g. a SuperLink without TLS: the SuperNode would retry forever
+        raise ConfigError(
+            f"{ca}: no TLS session with the SuperLink at {host}:{port} ({err.reason}); is it "
+            "running with --pki (TLS)?"
+        ) from None
     except OSError as err:
         say(f"SuperLink {host}:{port} not reachable yet ({err}); the SuperNode will retry")
 
@@ -213,21 +228,50 @@ def run_client(settings: ClientSettings, *, say: Callable[[str], None]) -> int:
         node_config=write_node_config(settings), root_certificates=settings.root_certificates,
         auth_private_key=settings.auth_private_key, executor=settings.executor,
     )  # fmt: skip
+    _check_port_free(settings)
     logs = settings.work_dir / "logs"
     fast = settings.executor == "fedseg"
-    procs = {"supernode": start(supernode_command(spec), log=logs / "supernode.log", env=env,
-                                fast_transfer=fast)}  # fmt: skip
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        procs["supernode"] = start(supernode_command(spec), log=logs / "supernode.log",
+                                   env=env, fast_transfer=fast)  # fmt: skip
         if settings.executor == "fedseg":
             wait_until_listening(procs["supernode"], port=spec.runtime_port,
                                  log=logs / "supernode.log")  # fmt: skip
             command = superexec_command(runtime_port=spec.runtime_port)
             procs["superexec"] = start(command, log=logs / "superexec.log", env=env)
         say(f"SuperNode for {settings.superlink} running; logs in {logs}")
-        return _supervise(procs, logs=logs)
+        _supervise(procs, logs=logs)
+    except _SignalledError:
+        say("stopping the SuperNode")
     finally:
         for proc in procs.values():
             stop_process_tree(proc)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+class _SignalledError(Exception):
+    """SIGTERM or Ctrl-C: unwind so that everything started is stopped."""
+
+
+def _stop(_signum: int, _frame: object) -> None:
+    raise _SignalledError
+
+
+def _check_port_free(settings: ClientSettings) -> None:
+    """The SuperNode's runtime port must be free: a ClientApp runner attaching to another
+    site's SuperNode on the same host would work on that site's messages."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", settings.runtime_port))
+        except OSError:
+            raise ConfigError(
+                f"{settings.source}: [connection] runtime-port {settings.runtime_port} is in "
+                "use on this machine (another site's SuperNode?); choose a free port"
+            ) from None
 
 
 # What Flower's SuperNode logs when the SuperLink refuses it, and what the site should do.
@@ -252,23 +296,13 @@ def _reason(log: Path) -> str:
     return f": {errors[-1][-300:]}" if errors else ""
 
 
-def _supervise(procs: dict[str, subprocess.Popen[bytes]], *, logs: Path) -> int:
-    stop = {"now": False}
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        stop["now"] = True
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not stop["now"]:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    log = logs / f"{name}.log"
-                    raise ConfigError(
-                        f"{log}: {name} stopped with exit code {proc.returncode}{_reason(log)}"
-                    )
-            time.sleep(0.5)
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _supervise(procs: dict[str, subprocess.Popen[bytes]], *, logs: Path) -> None:
+    """Until a signal (:class:`_SignalledError`) or a process stops (an error naming its log)."""
+    while True:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                log = logs / f"{name}.log"
+                raise ConfigError(
+                    f"{log}: {name} stopped with exit code {proc.returncode}{_reason(log)}"
+                )
+        time.sleep(0.5)

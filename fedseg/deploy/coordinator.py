@@ -21,7 +21,7 @@ import tomli_w
 from fedseg.config import ConfigError, RunConfig, Scalar
 from fedseg.deploy.pki import PkiPaths, check_public_key, check_server_pair, list_sites
 from fedseg.deploy.processes import ServerTls, superlink_command
-from fedseg.resume import read_state
+from fedseg.resume import read_state, study_lock
 from fedseg.simulation import FLOWER_ENV, SimulationError, app_dir, check_status
 
 
@@ -91,7 +91,10 @@ def study_config(request: StudyRequest) -> tuple[RunConfig, Path]:
         raise ConfigError("give either --config (a new study) or --resume RUN_DIR, not both")
     if request.resume is not None:
         run_dir = request.resume.resolve()
-        values: dict[str, object] = dict(read_state(run_dir)["config"])
+        if request.run_dir is not None or "resume" in (request.overrides or {}):
+            raise ConfigError("--resume continues RUN_DIR itself: no --run-dir, no --set resume")
+        with study_lock(run_dir):  # refused while the interrupted ServerApp still runs
+            values: dict[str, object] = dict(read_state(run_dir)["config"])
         values["resume"] = True
     else:
         assert request.config is not None
@@ -105,10 +108,14 @@ def study_config(request: StudyRequest) -> tuple[RunConfig, Path]:
             raise ConfigError(f"{run_dir}: holds a study already; resume it with --resume")
     values |= dict(request.overrides or {})
     values["run-dir"] = str(run_dir)
+    source = request.config or run_dir / "state.json"
     unknown = sorted(set(values) - set(RunConfig().to_flower()))
     if unknown:
-        raise ConfigError(f"unknown run-config key(s) {unknown}")
-    return RunConfig.from_flower(values), run_dir
+        raise ConfigError(f"{source}: unknown run-config key(s) {unknown}")
+    try:
+        return RunConfig.from_flower(values), run_dir
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def submit_study(

@@ -8,6 +8,8 @@ its Fleet, Control and runtime APIs on one HTTP port; a SuperNode serves its own
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedseg.simulation import FLOWER_ENV
+
+_PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 #: How a site runs its ClientApps: "fedseg" forks each from a warm process (fast), "flower"
 #: is Flower's default (a fresh Python process per message).
@@ -105,7 +109,15 @@ def start(
     log.parent.mkdir(parents=True, exist_ok=True)
     full = {**env, **FLOWER_ENV, **(TRANSFER_ENV if fast_transfer else {})}
     with log.open("ab") as out:
-        return subprocess.Popen(command, env=full, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, env=full, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)  # fmt: skip
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the process that started it dies, so a
+    killed ``fedseg client`` never leaves a SuperNode connected on its own."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_until_listening(

@@ -54,6 +54,9 @@ def _run_child(
 ) -> None:
     """In the forked child: Flower's own ClientApp runner; never return into the parent's loop."""
     code = 1
+    # The parent's handlers would stop the parent's children; the child's are Flower's own.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
@@ -86,6 +89,10 @@ class ForkingExecutor:
     """Flower's ``Executor`` protocol: launch = fork a warm child (see the module docstring)."""
 
     children: dict[int, tuple[int, float]] = field(default_factory=dict)  # pid -> task, start
+    # A ClientApp still running after this long is killed: a hung child would otherwise keep
+    # its task alive by heartbeat and the SuperNode waiting on it, and the site out of every
+    # later round. Flower then answers the server with an error for it.
+    task_timeout_s: float = 6 * 3600
 
     def get_eligible_capacity(
         self, supported_task_types: set[TaskType], **_: object
@@ -96,8 +103,12 @@ class ForkingExecutor:
         return None
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as err:  # EAGAIN / ENOMEM: this task fails, the site stays up
+            return LaunchResult.failed(f"fork failed: {err}")
         if pid == 0:
+            self.children.clear()
             _run_child(
                 runtime_api_address=spec.runtime_api_address,
                 token=spec.token,
@@ -109,9 +120,18 @@ class ForkingExecutor:
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
-        """Reap finished children so none is left a zombie."""
+        """Reap finished children so none is left a zombie; kill those past the timeout."""
         for pid in list(self.children):
-            done, status = os.waitpid(pid, os.WNOHANG)
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # already reaped elsewhere
+                self.children.pop(pid)
+                continue
+            if not done and time.monotonic() - self.children[pid][1] > self.task_timeout_s:
+                log(WARNING, "fedseg superexec: task %s over %.0f s, killed",
+                    self.children[pid][0], self.task_timeout_s)  # fmt: skip
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             if done:
                 task, started = self.children.pop(pid)
                 code = os.waitstatus_to_exitcode(status)
@@ -126,7 +146,10 @@ class ForkingExecutor:
         self.children.clear()
 
 
-def serve(*, runtime_api_address: str, insecure: bool, root_certificates: str | None) -> None:
+def serve(
+    *, runtime_api_address: str, insecure: bool, root_certificates: str | None,
+    task_timeout_s: float,
+) -> None:  # fmt: skip
     """The SuperExec loop of Flower's ``run_superexec``, with the forking executor and a short
     poll (Flower's is 1 s; each message waits on it)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
@@ -140,7 +163,7 @@ def serve(*, runtime_api_address: str, insecure: bool, root_certificates: str | 
         supported_task_types = frozenset({TaskType.CLIENT_APP})
         visible_output_task_types = frozenset({TaskType.CLIENT_APP})
 
-    executor = ForkingExecutor()
+    executor = ForkingExecutor(task_timeout_s=task_timeout_s)
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
         insecure=insecure,
@@ -182,6 +205,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runtime-api-address", default="127.0.0.1:9094")
     parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--root-certificates", default=None)
+    parser.add_argument(
+        "--task-timeout",
+        type=float,
+        default=6 * 3600,
+        help="Seconds after which a ClientApp still running is killed.",
+    )
     args = parser.parse_args(argv)
     seconds = preload()
     log(INFO, "fedseg superexec: libraries loaded once in %.1f s", seconds)
@@ -189,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         runtime_api_address=args.runtime_api_address,
         insecure=args.insecure,
         root_certificates=args.root_certificates,
+        task_timeout_s=args.task_timeout,
     )
 
 

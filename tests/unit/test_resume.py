@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -177,3 +178,78 @@ def test_a_silent_site_answered_for_by_the_superlink_is_named() -> None:
         {"site": "hospital-b", "phase": "train", "reason": "Node Unavailable"}
     ]
     assert set(book.rounds[2].train) == {"hospital-a"}
+
+
+class _Silent(_Sites):
+    """From round 2 on, hospital-b's SuperNode is up but never answers training; ``bad``
+    makes hospital-a send a vector of the wrong length instead."""
+
+    def __init__(self, *, bad: bool = False) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        if self.rounds_sent and self.rounds_sent[-1] >= 2:
+            self.replies = [r for r in self.replies if r.metadata.src_node_id != 8
+                            or r.metadata.message_type != "train"]  # fmt: skip
+        if self.bad:
+            for reply in self.replies:
+                if "arrays" in reply.content:
+                    reply.content["arrays"] = ArrayRecord({WEIGHTS: Array(np.zeros(1))})
+        return ids
+
+
+def test_a_silent_site_times_out_by_name_and_the_round_is_not_averaged(tmp_path: Path) -> None:
+    run = _run(tmp_path, num_server_rounds=2, round_timeout=1)
+    run_study(run, Path(run.run_dir), _Silent())  # type: ignore[arg-type]
+    _, record = json.loads((Path(run.run_dir) / "metrics.json").read_text())["rounds"]
+    assert record["failures"] == [
+        {"site": "hospital-b", "phase": "train", "reason": "no reply within round-timeout (1 s)"}
+    ]
+    assert "only 1 of the 2 sites required" in record["not_aggregated"]
+
+
+def test_an_update_of_the_wrong_size_is_that_sites_failure(tmp_path: Path) -> None:
+    run = _run(tmp_path, num_server_rounds=1, min_train_sites=1, round_timeout=1)
+    with pytest.raises(RuntimeError, match="no site completed a training round"):
+        run_study(run, Path(run.run_dir), _Silent(bad=True))  # type: ignore[arg-type]
+    [record] = json.loads((Path(run.run_dir) / "metrics.json").read_text())["rounds"]
+    reasons = {f["site"]: f["reason"] for f in record["failures"]}
+    assert reasons["hospital-a"].startswith("the update holds 1 values; the model has")
+    assert record["train"] == {} and "not_aggregated" in record
+
+
+def test_a_study_that_died_after_its_last_round_gets_its_model_on_resume(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    run_dir = Path(run.run_dir)
+    run_study(run, run_dir, _Sites())  # type: ignore[arg-type]
+    expected = (run_dir / "model.pt").read_bytes()
+    (run_dir / "model.pt").unlink()
+    sites = _Sites()
+    run_study(replace(run, resume=True), run_dir, sites)  # type: ignore[arg-type]
+    assert sites.rounds_sent == []
+    assert (
+        load_weights(run_dir / "model.pt").keys()
+        == load_weights(run_dir / "checkpoints" / "round-003.pt").keys()
+    )
+    assert len(expected) > 0
+
+
+def test_a_site_dropping_out_between_waits_does_not_hang_sampling(tmp_path: Path) -> None:
+    """Flower's sample_nodes re-counts online nodes and would wait forever for one that just
+    left; the round samples the snapshot of its own bounded wait instead."""
+
+    class _Leaving(_Sites):
+        calls = 0
+
+        def get_node_ids(self) -> list[int]:
+            self.calls += 1
+            return [7, 8] if self.calls == 1 else [7]
+
+    run = _run(tmp_path, num_server_rounds=1, min_train_sites=2, wait_for_sites=0)
+    sites = _Leaving()
+    with pytest.raises(SitesMissingError):  # the evaluation's wait sees one site: an error
+        run_study(run, Path(run.run_dir), sites)  # type: ignore[arg-type]
+    assert sites.rounds_sent == [1, 1]  # training went to both sites of the snapshot

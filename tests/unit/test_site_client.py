@@ -196,3 +196,66 @@ def test_study_config_checks_keys_and_resumes_from_the_run_folder(tmp_path: Path
     resumed, same = study_config(StudyRequest(connection="c", resume=folder))
     assert same == folder and resumed.resume
     assert resumed == RunConfig(**{**run.__dict__, "resume": True})
+
+
+def test_a_crash_at_the_site_leaves_its_text_in_the_sites_log(
+    tiny_site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flower would send an exception's text to the server; it may name files or patients,
+    so the site declines in general terms instead."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+    from fedseg.client_app import _answer
+    from fedseg.config import RunConfig
+    from fedseg.records import declined
+
+    def crash(*_: object) -> RecordDict:
+        raise RuntimeError(f"{tiny_site}/cases/case01/t1c.nii.gz: truncated gzip stream")
+
+    context = Context(run_id=1, node_id=5, node_config={"data-path": str(tiny_site)},
+                      state=RecordDict(), run_config=RunConfig().to_flower())  # fmt: skip
+    msg = Message(RecordDict(), dst_node_id=5, message_type="train")
+    reply = _answer(msg, context, action="train", work=crash)
+    kind, reason = declined(reply) or ("", "")
+    assert kind == "invalid-data"
+    assert reason == "the site could not complete train; details are in the site's log"
+    assert "case01" not in str(reply.content)
+
+
+def test_a_study_still_running_cannot_be_resumed(tmp_path: Path) -> None:
+    from fedseg.artifacts import write_json
+    from fedseg.config import RunConfig
+    from fedseg.deploy.coordinator import StudyRequest, study_config
+    from fedseg.resume import study_lock
+
+    folder = tmp_path / "run"
+    write_json(folder / "state.json", {"last_round": 1, "config": RunConfig().to_flower()})
+    with study_lock(folder), pytest.raises(ConfigError, match="still running this study"):
+        study_config(StudyRequest(connection="c", resume=folder))
+    with pytest.raises(ConfigError, match="no --run-dir, no --set resume"):
+        study_config(StudyRequest(connection="c", resume=folder, overrides={"resume": False}))
+    assert study_config(StudyRequest(connection="c", resume=folder))[0].resume
+
+
+def test_forking_executor_kills_a_hung_clientapp_and_reaps_it() -> None:
+    import os
+    import time
+
+    from fedseg.deploy.superexec import ForkingExecutor
+
+    pid = os.fork()
+    if pid == 0:  # a ClientApp that hangs
+        time.sleep(60)
+        os._exit(0)
+    executor = ForkingExecutor(task_timeout_s=1)
+    executor.children[pid] = (42, time.monotonic() - 5)
+    deadline = time.monotonic() + 10
+    while executor.children and time.monotonic() < deadline:
+        executor.reconcile()
+        time.sleep(0.05)
+    assert executor.children == {}
+    assert not Path(f"/proc/{pid}").exists()
