@@ -30,6 +30,8 @@ either stops or the client is told to stop; both are stopped together.
 from __future__ import annotations
 
 import ipaddress
+import os
+import secrets
 import signal
 import socket
 import ssl
@@ -208,6 +210,19 @@ def verify_superlink(host: str, port: int, *, ca: Path, say: Callable[[str], Non
         say(f"SuperLink {host}:{port} not reachable yet ({err}); the SuperNode will retry")
 
 
+def superexec_secret(work_dir: Path) -> Path:
+    """The SuperNode <-> SuperExec shared secret (0600, made once): another local user
+    cannot take this site's tasks from its loopback runtime port, read the global model
+    or answer in the site's name."""
+    path = work_dir / "superexec.secret"
+    if not path.is_file():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+    return path
+
+
 def write_node_config(settings: ClientSettings) -> Path:
     """The node config as a TOML file (Flower reads one; no quoting of paths on a command line)."""
     path = settings.work_dir / "node-config.toml"
@@ -227,6 +242,7 @@ def run_client(settings: ClientSettings, *, say: Callable[[str], None]) -> int:
         superlink=settings.superlink, runtime_port=settings.runtime_port,
         node_config=write_node_config(settings), root_certificates=settings.root_certificates,
         auth_private_key=settings.auth_private_key, executor=settings.executor,
+        superexec_secret=superexec_secret(settings.work_dir),
     )  # fmt: skip
     _check_port_free(settings)
     logs = settings.work_dir / "logs"
@@ -239,7 +255,8 @@ def run_client(settings: ClientSettings, *, say: Callable[[str], None]) -> int:
         if settings.executor == "fedseg":
             wait_until_listening(procs["supernode"], port=spec.runtime_port,
                                  log=logs / "supernode.log")  # fmt: skip
-            command = superexec_command(runtime_port=spec.runtime_port)
+            command = superexec_command(runtime_port=spec.runtime_port,
+                                        secret=spec.superexec_secret)  # fmt: skip
             procs["superexec"] = start(command, log=logs / "superexec.log", env=env)
         say(f"SuperNode for {settings.superlink} running; logs in {logs}")
         _supervise(procs, logs=logs)

@@ -72,6 +72,8 @@ class SuperNodeSpec:
     root_certificates: Path | None
     auth_private_key: Path | None
     executor: str = "fedseg"
+    # Shared with fedseg's SuperExec: only a holder may take tasks from the runtime port.
+    superexec_secret: Path | None = None
 
 
 def supernode_command(spec: SuperNodeSpec) -> list[str]:
@@ -92,13 +94,16 @@ def supernode_command(spec: SuperNodeSpec) -> list[str]:
         command += ["--root-certificates", str(spec.root_certificates)]
     if spec.auth_private_key is not None:
         command += ["--auth-supernode-private-key", str(spec.auth_private_key)]
+    if spec.executor == "fedseg" and spec.superexec_secret is not None:
+        command += ["--superexec-auth-secret-file", str(spec.superexec_secret)]
     return command
 
 
-def superexec_command(*, runtime_port: int) -> list[str]:
+def superexec_command(*, runtime_port: int, secret: Path | None = None) -> list[str]:
     """fedseg's forking SuperExec for a SuperNode's loopback runtime API."""
-    return [sys.executable, "-m", "fedseg.deploy.superexec",
-            "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure"]  # fmt: skip
+    command = [sys.executable, "-m", "fedseg.deploy.superexec",
+               "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure"]  # fmt: skip
+    return command + (["--superexec-auth-secret-file", str(secret)] if secret else [])
 
 
 def start(

@@ -148,12 +148,15 @@ class ForkingExecutor:
 
 def serve(
     *, runtime_api_address: str, insecure: bool, root_certificates: str | None,
-    task_timeout_s: float,
+    task_timeout_s: float, auth_secret: bytes | None = None,
 ) -> None:  # fmt: skip
     """The SuperExec loop of Flower's ``run_superexec``, with the forking executor and a short
     poll (Flower's is 1 s; each message waits on it)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.interceptors import (
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.superexec.plugin.base_exec_plugin import BaseExecPlugin
@@ -164,11 +167,16 @@ def serve(
         visible_output_task_types = frozenset({TaskType.CLIENT_APP})
 
     executor = ForkingExecutor(task_timeout_s=task_timeout_s)
+    interceptors: list[object] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if auth_secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(
+            master_secret=auth_secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}
+        ))  # fmt: skip
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address,
         insecure=insecure,
         root_certificates=validate_and_resolve_root_certificates(root_certificates, insecure),
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        interceptors=interceptors,  # type: ignore[arg-type]
         retry_invoker=make_simple_http_retry_invoker(),
     )
     plugin = ClientAppPlugin(
@@ -206,12 +214,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--insecure", action="store_true")
     parser.add_argument("--root-certificates", default=None)
     parser.add_argument(
+        "--superexec-auth-secret-file",
+        default=None,
+        help="The secret shared with the SuperNode (its flag of the same name).",
+    )
+    parser.add_argument(
         "--task-timeout",
         type=float,
         default=6 * 3600,
         help="Seconds after which a ClientApp still running is killed.",
     )
     args = parser.parse_args(argv)
+    from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
+
     seconds = preload()
     log(INFO, "fedseg superexec: libraries loaded once in %.1f s", seconds)
     serve(
@@ -219,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         insecure=args.insecure,
         root_certificates=args.root_certificates,
         task_timeout_s=args.task_timeout,
+        auth_secret=load_superexec_auth_secret(args.superexec_auth_secret_file),
     )
 
 

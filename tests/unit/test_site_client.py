@@ -259,3 +259,17 @@ def test_forking_executor_kills_a_hung_clientapp_and_reaps_it() -> None:
         time.sleep(0.05)
     assert executor.children == {}
     assert not Path(f"/proc/{pid}").exists()
+
+
+def test_runtime_port_secret_is_private_made_once_and_given_to_both_sides(tmp_path: Path) -> None:
+    from fedseg.deploy.client import superexec_secret
+    from fedseg.deploy.processes import superexec_command
+
+    path = superexec_secret(tmp_path / "work")
+    assert path.stat().st_mode & 0o777 == 0o600 and len(path.read_bytes()) == 32
+    assert superexec_secret(tmp_path / "work").read_bytes() == path.read_bytes()
+    spec = SuperNodeSpec(superlink="fl:9092", runtime_port=9094, node_config=tmp_path / "n",
+                         root_certificates=None, auth_private_key=None,
+                         superexec_secret=path)  # fmt: skip
+    for command in (supernode_command(spec), superexec_command(runtime_port=9094, secret=path)):
+        assert command[command.index("--superexec-auth-secret-file") + 1] == str(path)
