@@ -189,8 +189,9 @@ def serve(
 
     def stop(_signum: int, _frame: object) -> None:
         executor.close()
-        client.close()
-        sys.exit(0)
+        # os._exit: a SystemExit raised here could be swallowed by the HTTP retry loop the
+        # signal interrupted, leaving this process polling a SuperNode that is gone.
+        os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
