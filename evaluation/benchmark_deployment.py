@@ -10,10 +10,12 @@ per connection, not per round) run the same short study twice, side by side:
 - ``fedseg``: ``fedseg.deploy.superexec``, which imports them once and forks each ClientApp.
 
 The study is near no-op: one training step on a 32^3 patch and validation of one small case
-per site (3 mm grid), so the round time is almost all overhead. A round's time is the
-interval between consecutive round checkpoints (round 1, which includes start-up, is left
-out); ``site_seconds`` is the sites' own reported training time. ``DIR/results.json`` holds
-both executors' rounds; the headline is the ratio of their median round times.
+per site (3 mm grid). A round's time is the interval between consecutive round
+checkpoints (round 1, which includes start-up, is left out); its overhead is that minus the
+slowest site's own reported training time, i.e. what a round with no-op training would cost
+(validating one small case, ~0.4 s, stays in). ``DIR/results.json`` holds both executors'
+rounds; the headline is the ratio of their median round times, side by side in one run,
+and the goal is a median overhead of at most ``GOAL_SECONDS``.
 """
 
 from __future__ import annotations
@@ -87,9 +89,11 @@ def run_one(work: Path, sites: list[Path], *, executor: str, rounds: int) -> dic
     metrics = json.loads((work / "run" / "metrics.json").read_text())
     site_seconds = [max(s["seconds"] for s in r["train"].values()) for r in metrics["rounds"]]
     rounds_s = round_seconds(work / "run")
+    overhead = [r - s for r, s in zip(rounds_s, site_seconds[1:], strict=True)]
     return {"executor": executor, "total_seconds": total, "round_seconds": rounds_s,
             "median_round_seconds": statistics.median(rounds_s),
-            "site_train_seconds": site_seconds}  # fmt: skip
+            "site_train_seconds": site_seconds, "overhead_seconds": overhead,
+            "median_overhead_seconds": statistics.median(overhead)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,17 +107,19 @@ def main(argv: list[str] | None = None) -> None:
     for name in EXECUTORS:  # each on a fresh federation, one after the other
         results[name] = run_one(args.out / name, sites, executor=name, rounds=args.rounds)
     flower, fedseg = (results[n]["median_round_seconds"] for n in EXECUTORS)
+    overhead = results["fedseg"]["median_overhead_seconds"]
     summary = {"sites": args.sites, "rounds": args.rounds, "results": results,
                "ratio": fedseg / flower, "goal_seconds": GOAL_SECONDS,
-               "meets_goal": fedseg <= GOAL_SECONDS}  # fmt: skip
+               "meets_goal": overhead <= GOAL_SECONDS}  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name in EXECUTORS:
         r = results[name]
-        print(f"{name:>7}: median round {r['median_round_seconds']:.1f} s "
+        print(f"{name:>7}: median round {r['median_round_seconds']:.1f} s, overhead "
+              f"{r['median_overhead_seconds']:.1f} s "
               f"(rounds {', '.join(f'{s:.1f}' for s in r['round_seconds'])}; "
               f"study {r['total_seconds']:.0f} s)")  # fmt: skip
-    print(f"ratio fedseg/flower {summary['ratio']:.2f}; goal <= {GOAL_SECONDS} s per round: "
-          f"{'met' if summary['meets_goal'] else 'NOT met'}")  # fmt: skip
+    print(f"ratio fedseg/flower {summary['ratio']:.2f}; goal: overhead <= {GOAL_SECONDS} s per "
+          f"round: {'met' if summary['meets_goal'] else 'NOT met'}")  # fmt: skip
 
 
 if __name__ == "__main__":
