@@ -16,7 +16,7 @@ from pathlib import Path
 
 Scalar = bool | int | float | str | bytes
 
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 # A site's compute device: auto (a CUDA GPU when torch sees one), cpu, cuda, cuda:N.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MODES = ("train", "evaluate", "cross-site")
@@ -46,6 +46,13 @@ class RunConfig:
     num_server_rounds: int = 10
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
+    # FedAdam / FedYogi: the server optimiser's step size and adaptivity (Reddi et al. 2021).
+    server_learning_rate: float = 0.01
+    server_tau: float = 1e-3
+    # FedTrimmedAvg: fraction of the largest and of the smallest values dropped per weight.
+    trim_fraction: float = 0.2
+    # Krum: how many faulty sites to tolerate.
+    faulty_sites: int = 0
     model_preset: str = "tiny"
     local_steps: int = 40
     batch_size: int = 2
@@ -77,6 +84,12 @@ class RunConfig:
             raise ConfigError(f"strategy '{self.strategy}' unknown; choose from {STRATEGIES}")
         if self.num_server_rounds < 1 or self.local_steps < 1 or self.batch_size < 1:
             raise ConfigError("num-server-rounds, local-steps and batch-size must be >= 1")
+        if self.server_learning_rate <= 0 or self.server_tau <= 0:
+            raise ConfigError("server-learning-rate and server-tau must be > 0")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.faulty_sites < 0:
+            raise ConfigError(f"faulty-sites must be >= 0, got {self.faulty_sites}")
         if self.proximal_mu < 0:
             raise ConfigError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         if not 0 < self.fraction_train <= 1:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from data_adapters.sources import sha256_file
 from fedseg.artifacts import load_weights
@@ -37,23 +40,43 @@ class ResumePoint:
     last_round: int
     weights: dict[str, Any]
     book: MetricsBook
+    # The strategy's saved state (checked against its sha256), or None.
+    strategy_state: Path | None = None
+
+
+def save_strategy_state(strategy: object, checkpoint: Path) -> dict[str, str] | None:
+    """A strategy's server-side state (FedAdam/FedYogi moments) beside the round's
+    checkpoint; ``None`` for strategies whose only state is their configuration."""
+    if not hasattr(strategy, "state_arrays"):
+        return None
+    path = checkpoint.with_suffix(".strategy.npz")
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **strategy.state_arrays())
+    os.replace(tmp, path)
+    return {"file": path.name, "sha256": sha256_file(path)}
+
+
+def load_strategy_state(strategy: object, path: Path) -> None:
+    """Give a resumed strategy the state :func:`save_strategy_state` wrote."""
+    if not hasattr(strategy, "load_state_arrays"):
+        raise ConfigError(f"{path}: holds strategy state, but the strategy keeps none")
+    with np.load(path) as arrays:
+        strategy.load_state_arrays({k: arrays[k] for k in arrays.files})
 
 
 def state_payload(
-    *, run: RunConfig, last_round: int, checkpoint: Path, sha256: str, book: MetricsBook
-) -> dict[str, Any]:
-    """The content of ``state.json`` after ``last_round``.
-
-    FedAvg and FedProx keep no state beyond their configuration, which the resume check
-    compares key by key; a strategy with server-side state (adaptive moments) must add it
-    here.
-    """
+    *, run: RunConfig, last_round: int, checkpoint: Path, sha256: str, book: MetricsBook,
+    strategy_state: dict[str, str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The content of ``state.json`` after ``last_round``. Strategies other than the FedOpt
+    family keep no state beyond their configuration, which the resume check compares."""
     return {
         "last_round": last_round,
         "checkpoint": checkpoint.name,
         "checkpoint_sha256": sha256,
         "node_sites": {str(k): v for k, v in book.node_sites.items()},
         "strategy": run.strategy,
+        "strategy_state": strategy_state,
         "config": run.to_flower(),
     }
 
@@ -130,4 +153,16 @@ def load_resume_point(run_dir: Path, run: RunConfig, *, weights_size: int = 0) -
         raise ConfigError(f"{run_dir / 'metrics.json'}: unreadable ({err})") from None
     book = MetricsBook.restore(rounds, node_sites={int(k): str(v) for k, v in names.items()},
                                up_to=last, weights_size=weights_size)  # fmt: skip
-    return ResumePoint(last_round=last, weights=load_weights(checkpoint), book=book)
+    strategy_state = _strategy_file(run_dir, state.get("strategy_state"))
+    return ResumePoint(last_round=last, weights=load_weights(checkpoint), book=book,
+                       strategy_state=strategy_state)  # fmt: skip
+
+
+def _strategy_file(run_dir: Path, entry: object) -> Path | None:
+    if not entry:
+        return None
+    assert isinstance(entry, dict)
+    path = run_dir / "checkpoints" / str(entry["file"])
+    if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+        raise ConfigError(f"{path}: missing or not the strategy state state.json recorded")
+    return path

@@ -19,7 +19,14 @@ from fedseg.artifacts import load_weights, save_weights, write_json
 from fedseg.config import RunConfig
 from fedseg.cross_site import run_cross_site
 from fedseg.records import pack_weights, unpack_weights
-from fedseg.resume import STATE_NAME, load_resume_point, state_payload, study_lock
+from fedseg.resume import (
+    STATE_NAME,
+    load_resume_point,
+    load_strategy_state,
+    save_strategy_state,
+    state_payload,
+    study_lock,
+)
 from fedseg.rounds import RoundPlan, run_rounds
 from fedseg.strategies import MetricsBook, build_strategy
 from fedseg.task.model import build_model
@@ -38,15 +45,18 @@ class RoundWriter:
         self.book = book
         self.run = run
         self.initial = initial
+        # A strategy with server-side state (FedAdam's moments) saves it with each checkpoint.
+        self.strategy: object = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
         write_json(self.run_dir / "metrics.json", self.payload())
         if self.run.mode == "train":
             checkpoint = self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt"
             digest = save_weights(checkpoint, state_dict(arrays, self.run))
+            saved = save_strategy_state(self.strategy, checkpoint)
             # Written last: it names only a checkpoint and metrics that are complete on disk.
             state = state_payload(run=self.run, last_round=server_round, checkpoint=checkpoint,
-                                  sha256=digest, book=self.book)  # fmt: skip
+                                  sha256=digest, book=self.book, strategy_state=saved)  # fmt: skip
             write_json(self.run_dir / STATE_NAME, state)
         record = self.book.rounds.get(server_round)
         for site, scores in sorted(record.sites.items()) if record else []:
@@ -122,8 +132,11 @@ def run_training(
         first_round = point.last_round + 1
         log(INFO, "fedseg: resuming the study in %s at round %d", run_dir, first_round)
     last_round = 1 if run.mode == "evaluate" else run.num_server_rounds
+    strategy = writer.strategy = build_strategy(run, book=book)
+    if run.resume and point.strategy_state:
+        load_strategy_state(strategy, point.strategy_state)
     arrays = run_rounds(
-        build_strategy(run, book=book),
+        strategy,
         grid,
         arrays=pack_weights(model.state_dict()),
         # Evaluation: one round in which no site trains and every site validates.

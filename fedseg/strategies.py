@@ -7,12 +7,22 @@ hospital did. The strategies here are Flower's own, with ``aggregate_train`` and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
 
 from evaluation.regions import REGION_NAMES
 from fedseg.config import RunConfig
@@ -186,7 +196,13 @@ class _Recording:
             )
             return None, None
         accepted = [m for m in replies if m.metadata.src_node_id in trained]
-        return super().aggregate_train(server_round, accepted)  # type: ignore[misc,no-any-return]
+        arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        if arrays is None:
+            return None, metrics
+        # The model is float32 everywhere; Flower's FedOpt family computes in float64, which
+        # would double what travels and make a resumed study differ from an uninterrupted one.
+        as32 = {k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()}
+        return ArrayRecord(as32), metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -209,6 +225,72 @@ class RecordingFedProx(_Recording, FedProx):
     """FedProx: FedAvg plus ``proximal-mu`` sent to the sites, which add the proximal term."""
 
 
+class _ServerMoments:
+    """Mixin for Flower's FedOpt family: its server-side moments (``m_t``, ``v_t``) are the
+    strategy's state, saved with every checkpoint so a resumed study continues them."""
+
+    m_t: dict[str, Any] | None
+    v_t: dict[str, Any] | None
+
+    def state_arrays(self) -> dict[str, Any]:
+        out = {}
+        for name in ("m_t", "v_t"):
+            for key, value in (getattr(self, name) or {}).items():
+                out[f"{name}/{key}"] = value
+        return out
+
+    def load_state_arrays(self, arrays: Mapping[str, Any]) -> None:
+        for name in ("m_t", "v_t"):
+            found = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(name + "/")}
+            setattr(self, name, found or None)
+
+
+class RecordingFedAdam(_ServerMoments, _Recording, FedAdam):
+    """FedAdam (Reddi et al. 2021): the averaged update drives a server-side Adam step."""
+
+
+class RecordingFedYogi(_ServerMoments, _Recording, FedYogi):
+    """FedYogi (Reddi et al. 2021): as FedAdam with Yogi's additive second moment."""
+
+
+class RecordingFedMedian(_Recording, FedMedian):
+    """Coordinate-wise median of the sites' models: one faulty site cannot drag it far."""
+
+
+class RecordingFedTrimmedAvg(_Recording, FedTrimmedAvg):
+    """Mean after dropping the ``trim-fraction`` largest and smallest values per coordinate."""
+
+
+class RecordingKrum(_Recording, Krum):
+    """Krum (Blanchard et al. 2017): the one site model closest to its neighbours."""
+
+
+def _options(run: RunConfig) -> dict[str, dict[str, Any]]:
+    """Each strategy's own options from the run config."""
+    server_opt = {"eta": run.server_learning_rate, "tau": run.server_tau}
+    return {
+        "fedavg": {},
+        "fedprox": {"proximal_mu": run.proximal_mu},
+        "fedadam": server_opt,
+        "fedyogi": server_opt,
+        "fedmedian": {},
+        "fedtrimmedavg": {"beta": run.trim_fraction},
+        "krum": {"num_malicious_nodes": run.faulty_sites},
+    }
+
+
+#: The strategies a run config may name (``strategy = "..."``).
+REGISTRY: dict[str, type[_Recording]] = {
+    "fedavg": RecordingFedAvg,
+    "fedprox": RecordingFedProx,
+    "fedadam": RecordingFedAdam,
+    "fedyogi": RecordingFedYogi,
+    "fedmedian": RecordingFedMedian,
+    "fedtrimmedavg": RecordingFedTrimmedAvg,
+    "krum": RecordingKrum,
+}
+
+
 def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
     """The strategy a run config asks for, recording into ``book``."""
     common: dict[str, Any] = {
@@ -220,13 +302,9 @@ def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
         "min_available_nodes": run.available_sites,
         "weighted_by_key": "num-examples",
     }
-    strategy: _Recording
-    if run.strategy == "fedavg":
-        strategy = RecordingFedAvg(**common)
-    elif run.strategy == "fedprox":
-        strategy = RecordingFedProx(proximal_mu=run.proximal_mu, **common)
-    else:  # RunConfig validates the name; this guards against a registry drift.
+    if run.strategy not in REGISTRY:  # RunConfig validates the name; this guards a drift
         raise ValueError(f"strategy '{run.strategy}' has no implementation")
+    strategy = REGISTRY[run.strategy](**common, **_options(run)[run.strategy])  # type: ignore[call-arg]
     strategy.book = book
     assert isinstance(strategy, Strategy)
     return strategy

@@ -253,3 +253,19 @@ def test_a_site_dropping_out_between_waits_does_not_hang_sampling(tmp_path: Path
     with pytest.raises(SitesMissingError):  # the evaluation's wait sees one site: an error
         run_study(run, Path(run.run_dir), sites)  # type: ignore[arg-type]
     assert sites.rounds_sent == [1, 1]  # training went to both sites of the snapshot
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedyogi"])
+def test_server_optimiser_state_survives_a_restart(tmp_path: Path, strategy: str) -> None:
+    """FedAdam's and FedYogi's moments are part of the study: a study resumed after round 1
+    ends with exactly the model of one never interrupted (without the moments it would not)."""
+    whole = _run(tmp_path / "whole", strategy=strategy)
+    run_study(whole, Path(whole.run_dir), _Sites())  # type: ignore[arg-type]
+    broken = _run(tmp_path / "broken", strategy=strategy)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(broken, Path(broken.run_dir), _Sites(crash_in_round=2))  # type: ignore[arg-type]
+    assert (Path(broken.run_dir) / "checkpoints" / "round-001.strategy.npz").is_file()
+    run_study(replace(broken, resume=True), Path(broken.run_dir), _Sites())  # type: ignore[arg-type]
+    expected = load_weights(Path(whole.run_dir) / "model.pt")
+    for name, tensor in load_weights(Path(broken.run_dir) / "model.pt").items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)

@@ -240,3 +240,46 @@ def test_withheld_site_renders_in_the_report(tmp_path: Path) -> None:
     text = files.html.read_text()
     assert "hospital-b" in text and "n &lt; min cases" in text  # escaped HTML
     assert "0.700" in text
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum"])
+def test_robust_aggregation_resists_a_sign_flipped_site(name: str) -> None:
+    """Five sites near w = 1, one sending a sign-flipped, 10x scaled update: FedAvg moves
+    far; the robust aggregators stay within a tenth of that."""
+    from flwr.app import Array
+
+    from fedseg.records import WEIGHTS
+
+    rng = np.random.default_rng(0)
+
+    def replies() -> list[Message]:
+        out = []
+        for node in range(10, 16):
+            values = -10.0 * np.ones(50) if node == 15 else 1.0 + 0.01 * rng.normal(size=50)
+            content = RecordDict({
+                "arrays": ArrayRecord({WEIGHTS: Array(values.astype(np.float32))}),
+                "metrics": MetricRecord({"num-examples": 4, "train-loss": 0.5,
+                                         "local-steps": 2, "train-seconds": 1.0}),
+                "site": ConfigRecord({"site": f"hospital-{node}", "fingerprint": "fp"}),
+            })  # fmt: skip
+            out.append(Message(content, reply_to=_instruction(node)))
+        return out
+
+    def error(strategy_name: str) -> float:
+        run = RunConfig(strategy=strategy_name, min_train_sites=1, faulty_sites=1)
+        arrays, _ = build_strategy(run, book=MetricsBook()).aggregate_train(1, replies())
+        assert arrays is not None
+        return float(np.abs(arrays[WEIGHTS].numpy() - 1.0).mean())
+
+    assert error("fedavg") > 1.5
+    assert error(name) < 0.1 * error("fedavg")
+
+
+def test_every_registered_strategy_builds_from_the_run_config() -> None:
+    from fedseg.config import STRATEGIES
+    from fedseg.strategies import REGISTRY
+
+    assert set(REGISTRY) == set(STRATEGIES)
+    for name in STRATEGIES:
+        strategy = build_strategy(RunConfig(strategy=name), book=MetricsBook())
+        assert isinstance(strategy, REGISTRY[name])
