@@ -91,16 +91,26 @@ def train_transforms(*, patch_size: int) -> Compose:
     )
 
 
+def training_items(manifests: SiteManifest | Sequence[SiteManifest]) -> list[dict[str, Any]]:
+    """The training cases of one site, or of several pooled (the centralised baseline)."""
+    sites = [manifests] if isinstance(manifests, SiteManifest) else list(manifests)
+    cases = [item for m in sites for item in case_items(m, m.train_cases)]
+    if not cases:
+        folders = ", ".join(str(m.site_dir) for m in sites)
+        raise ValueError(f"{folders}: no training cases in the manifest")
+    return cases
+
+
 def training_batches(
-    manifest: SiteManifest, *, patch_size: int, batch_size: int, seed: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless, seeded stream of training batches from the site's training split.
+    manifest: SiteManifest | Sequence[SiteManifest], *, patch_size: int, batch_size: int,
+    seed: int,
+) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
+    """An endless, seeded stream of training batches from the site's training split (or
+    from several sites' at once).
 
     Local work is counted in steps, not epochs (FLamby), so the stream simply cycles.
     """
-    cases = case_items(manifest, manifest.train_cases)
-    if not cases:
-        raise ValueError(f"{manifest.site_dir}: no training cases in the manifest")
+    cases = training_items(manifest)
     # Flat, so CacheDataset caches everything before the first random transform.
     pipeline = Compose(
         [*load_transforms().transforms, *train_transforms(patch_size=patch_size).transforms]
