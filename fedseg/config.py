@@ -251,7 +251,12 @@ def read_site_toml(path: Path) -> dict[str, object]:
     own floor), ``[consent]`` the four consent keys. ``[site] name`` is checked against the
     dataset by ``fedseg client`` and ``[connection]`` is for it alone: neither is node config.
     """
-    tables = read_site_tables(path)
+    return node_keys(read_site_tables(path))
+
+
+def node_keys(tables: Mapping[str, Mapping[str, object]]) -> dict[str, object]:
+    """The node-config keys of a site.toml's tables (``[site]`` without ``name``, and
+    ``[consent]``)."""
     flat = {**tables.get("site", {}), **tables.get("consent", {})}
     flat.pop("name", None)
     return flat

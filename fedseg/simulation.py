@@ -68,7 +68,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on loopback (bound together, so never the same)."""
     sockets = [socket.socket() for _ in range(count)]
     try:
         for s in sockets:
@@ -77,6 +78,11 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def free_port() -> int:
+    """One free TCP port on loopback."""
+    return free_ports(1)[0]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -126,7 +132,7 @@ def local_superlink(work_dir: Path) -> Iterator[dict[str, str]]:
     """A simulation-mode SuperLink on free loopback ports; yields the env for ``flwr``."""
     flwr_home = work_dir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
-    http_port, control_port, fleet_port = _free_ports(3)
+    http_port, control_port, fleet_port = free_ports(3)
     (flwr_home / "config.toml").write_text(
         tomli_w.dumps(
             {
@@ -149,22 +155,26 @@ def local_superlink(work_dir: Path) -> Iterator[dict[str, str]]:
     with log_path.open("ab") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_until_listening(proc, http_port, log_path)
+        wait_until_listening(proc, port=http_port, log=log_path)
         yield env
     finally:
         stop_process_tree(proc)
 
 
-def _wait_until_listening(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + 60
+def wait_until_listening(
+    proc: subprocess.Popen[bytes], *, port: int, log: Path, timeout_s: float = 60
+) -> None:
+    """Return once something accepts connections on loopback ``port``; raise (naming the log)
+    if ``proc`` exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SimulationError(f"{log_path}: flower-superlink exited with {proc.returncode}")
+            raise SimulationError(f"{log}: the process exited with {proc.returncode}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise SimulationError(f"{log_path}: flower-superlink did not listen on port {port} in 60 s")
+    raise SimulationError(f"{log}: nothing listened on port {port} within {timeout_s:.0f} s")
 
 
 def check_status(run_dir: Path) -> None:

@@ -45,7 +45,7 @@ import tomli_w
 
 from data_adapters.manifest import SiteManifest
 from data_adapters.validate import check_site
-from fedseg.config import ConfigError, RunConfig, SiteConfig, read_site_tables, read_site_toml
+from fedseg.config import ConfigError, RunConfig, SiteConfig, node_keys, read_site_tables
 from fedseg.deploy.pki import check_auth_private_key, check_ca_certificate
 from fedseg.deploy.processes import (
     EXECUTORS,
@@ -53,9 +53,8 @@ from fedseg.deploy.processes import (
     start,
     superexec_command,
     supernode_command,
-    wait_until_listening,
 )
-from fedseg.simulation import flower_env, stop_process_tree
+from fedseg.simulation import flower_env, stop_process_tree, wait_until_listening
 from fedseg.task.device import resolve_device
 
 _CONNECTION_KEYS = ("superlink", "root-certificates", "auth-private-key", "runtime-port",
@@ -98,7 +97,7 @@ def read_client_settings(path: Path) -> ClientSettings:
         raise ConfigError(f"{path}: unknown [connection] key(s) {unknown}; known: "
                           f"{list(_CONNECTION_KEYS)}")  # fmt: skip
     base = path.parent
-    flat = read_site_toml(path)
+    flat = node_keys(tables)
     if "data-path" not in flat:
         raise ConfigError(f"{path}: [site] data-path is missing (the site's canonical folder)")
     flat["data-path"] = str(_path(flat["data-path"], base))

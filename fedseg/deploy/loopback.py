@@ -19,8 +19,14 @@ import tomli_w
 
 from fedseg.deploy.coordinator import register_site
 from fedseg.deploy.pki import PkiPaths, add_site, init_pki
-from fedseg.deploy.processes import free_port, start, wait_until_listening
-from fedseg.simulation import flower_env, kill_process_tree, stop_process_tree
+from fedseg.deploy.processes import start
+from fedseg.simulation import (
+    flower_env,
+    free_port,
+    kill_process_tree,
+    stop_process_tree,
+    wait_until_listening,
+)
 
 CONNECTION = "pilot"
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +31,6 @@ TRANSFER_ENV = {
     "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "8",
     "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8",
 }
-
-
-class DeploymentError(RuntimeError):
-    """A deployment process could not start or stopped unexpectedly."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,26 +117,3 @@ def _die_with_parent() -> None:
     killed ``fedseg client`` never leaves a SuperNode connected on its own."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def wait_until_listening(
-    proc: subprocess.Popen[bytes], *, port: int, log: Path, timeout_s: float = 60
-) -> None:
-    """Return once something accepts connections on loopback ``port``; raise (naming the log)
-    if ``proc`` exits first or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DeploymentError(f"{log}: the process exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise DeploymentError(f"{log}: nothing listened on port {port} within {timeout_s:.0f} s")
-
-
-def free_port() -> int:
-    """A free TCP port on loopback (for tests and benchmarks)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

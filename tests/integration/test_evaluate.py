@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,14 @@ from evaluation.regions import REGION_NAMES
 from fedseg.artifacts import load_weights, save_weights, write_json
 from fedseg.config import RunConfig
 from fedseg.server_app import save_model
-from fedseg.simulation import FLOWER_ENV, app_dir, check_status, flower_env, stop_process_tree
+from fedseg.simulation import (
+    FLOWER_ENV,
+    app_dir,
+    check_status,
+    flower_env,
+    free_port,
+    stop_process_tree,
+)
 from fedseg.synth import generate_federation
 from fedseg.task.data import training_batches
 from fedseg.task.model import build_model
@@ -179,12 +185,6 @@ def test_evaluate_refuses_local_budget_without_cross_site(tmp_path: Path) -> Non
     assert proc.returncode != 0 and "--cross-site" in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.deployment
 def test_evaluation_against_a_deployed_superlink_with_one_supernode_per_site(
     federation: tuple[Path, Path], tmp_path: Path
@@ -194,7 +194,7 @@ def test_evaluation_against_a_deployed_superlink_with_one_supernode_per_site(
     and authentication are the deployment issue's)."""
     # Prepare
     sites, model = federation
-    home, port = tmp_path / "flwr-home", _free_port()
+    home, port = tmp_path / "flwr-home", free_port()
     home.mkdir()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "pilot"\n[superlink.pilot]\naddress = "127.0.0.1:{port}"\n'
@@ -220,7 +220,7 @@ def test_evaluation_against_a_deployed_superlink_with_one_supernode_per_site(
             with (tmp_path / f"{name}.log").open("wb") as log:
                 procs.append(subprocess.Popen(
                     ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                     "--port", str(_free_port()), "--node-config", node_config],
+                     "--port", str(free_port()), "--node-config", node_config],
                     env=env, stdout=log, stderr=subprocess.STDOUT,
                 ))  # fmt: skip
         # Execute
