@@ -7,12 +7,18 @@ to, or cannot serve, is declined with a reason that names no file or case.
 
 Actions: ``train`` (a federated round), ``train.local`` (cross-site validation: train a model
 on this site alone), ``evaluate`` (validate the global model), ``evaluate.models`` (validate
-several models at once, cross-site).
+several models at once, cross-site), ``evaluate.personalised`` (fine-tune the final model here
+and validate both; the fine-tuned one never leaves), ``query.identity`` (the site's name, so a
+cyclic study can visit sites in a named order).
+
+With ``strategy = "fedbn"`` the site's normalisation layers live in Flower's per-run site state
+(``context.state``): they are loaded before each task, updated after training, never sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -40,6 +46,7 @@ from fedseg.records import (
 from fedseg.task.data import training_batches
 from fedseg.task.device import resolve_device
 from fedseg.task.model import build_model
+from fedseg.task.sharing import load_partial, local_state, travelling_state
 from fedseg.task.train import TrainSettings, train_local
 from fedseg.task.validate import SiteValidation, validate_models
 
@@ -56,6 +63,7 @@ class SiteDeclinedError(Exception):
 
 # What each action needs the site to have agreed to, checked in order.
 _TRAIN_CONSENT = (lambda c: c.train, "the site does not take part in training (train = false)")
+_EVALUATE_CONSENT = (lambda c: c.evaluate, "the site does not take part in evaluation")
 _NEEDS: dict[str, list[tuple[Callable[[Consent], bool], str]]] = {
     "train": [_TRAIN_CONSENT],
     "local": [
@@ -65,7 +73,9 @@ _NEEDS: dict[str, list[tuple[Callable[[Consent], bool], str]]] = {
             "the site does not share a model trained on its data alone (share-local-model = false)",
         ),
     ],
-    "evaluate": [(lambda c: c.evaluate, "the site does not take part in evaluation")],
+    "evaluate": [_EVALUATE_CONSENT],
+    # Fine-tuning trains on the site's data; only validation scores leave.
+    "personalise": [_TRAIN_CONSENT, _EVALUATE_CONSENT],
 }
 
 
@@ -97,10 +107,11 @@ def _open_site(context: Context, action: str) -> tuple[RunConfig, SiteConfig, Si
             "site data failed validation; details are in the site's log",
             kind="invalid-data",
         ) from err
-    cases = manifest.validation_cases if action == "evaluate" else manifest.train_cases
-    if not cases:
-        split = "validation" if action == "evaluate" else "training"
-        raise SiteDeclinedError(manifest.site, f"the site has no {split} cases", kind="abstain")
+    splits = {"evaluate": ("validation",), "personalise": ("training", "validation")}
+    for split in splits.get(action, ("training",)):
+        cases = manifest.validation_cases if split == "validation" else manifest.train_cases
+        if not cases:
+            raise SiteDeclinedError(manifest.site, f"the site has no {split} cases", kind="abstain")
     return run, site, manifest
 
 
@@ -112,19 +123,54 @@ def _site_name(data_path: Path) -> str:
         return data_path.name
 
 
+@dataclass(frozen=True)
+class SiteTask:
+    """One message at one site: the study, the site's settings and data, and its run state."""
+
+    msg: Message
+    run: RunConfig
+    site: SiteConfig
+    manifest: SiteManifest
+    # Flower's per-run state of this node: stays at the site (FedBN's normalisation).
+    state: RecordDict
+
+    def model(self, key: str = "arrays") -> torch.nn.Module:
+        """The received model (``key`` of the message) with this site's own normalisation
+        when the study keeps it local, on the site's device."""
+        model = build_model(self.run.model_preset, seed=self.run.seed)
+        arrays = self.msg.content[key]
+        assert isinstance(arrays, ArrayRecord)
+        template = travelling_state(model, keep_norm_local=self.run.keeps_norm_local)
+        load_partial(model, unpack_weights(arrays, template))
+        own = self.state.get(_LOCAL_NORM)
+        if self.run.keeps_norm_local and isinstance(own, ArrayRecord):
+            load_partial(model, own.to_torch_state_dict())
+        return model.to(resolve_device(self.site.device))
+
+    def outgoing(self, model: torch.nn.Module) -> ArrayRecord:
+        """What of a trained model leaves the site; FedBN's normalisation is kept here."""
+        if self.run.keeps_norm_local:
+            self.state[_LOCAL_NORM] = ArrayRecord(local_state(model))
+        return pack_weights(travelling_state(model, keep_norm_local=self.run.keeps_norm_local))
+
+
+# The context.state key of a FedBN site's own normalisation layers.
+_LOCAL_NORM = "fedbn-normalisation"
+
+
 def _answer(
     msg: Message,
     context: Context,
     *,
     action: str,
-    work: Callable[[Message, RunConfig, SiteConfig, SiteManifest], RecordDict],
+    work: Callable[[SiteTask], RecordDict],
 ) -> Message:
     try:
         run, site, manifest = _open_site(context, action)
     except SiteDeclinedError as no:
         return decline_reply(msg, site=no.site, reason=no.reason, kind=no.kind)
     try:
-        content = work(msg, run, site, manifest)
+        content = work(SiteTask(msg, run, site, manifest, context.state))
     except Exception:  # anything: its text may hold paths or case ids
         # Flower would send the exception's text to the server; it stays in the site's log.
         log(ERROR, "%s failed at this site, declining", action, exc_info=True)
@@ -134,15 +180,9 @@ def _answer(
     return Message(content=content, reply_to=msg)
 
 
-def _model_from(arrays: object, run: RunConfig, site: SiteConfig) -> torch.nn.Module:
-    model = build_model(run.model_preset, seed=run.seed)
-    assert isinstance(arrays, ArrayRecord)
-    model.load_state_dict(unpack_weights(arrays, model.state_dict()))
-    return model.to(resolve_device(site.device))
-
-
-def _train(msg: Message, run: RunConfig, site: SiteConfig, manifest: SiteManifest) -> RecordDict:
-    model = _model_from(msg.content["arrays"], run, site)
+def _train(task: SiteTask) -> RecordDict:
+    msg, run, manifest = task.msg, task.run, task.manifest
+    model = task.model()
     config = msg.content["config"]
     assert isinstance(config, ConfigRecord)
     server_round = int(config.get("server-round", 0))  # type: ignore[arg-type]
@@ -169,7 +209,7 @@ def _train(msg: Message, run: RunConfig, site: SiteConfig, manifest: SiteManifes
             "train-seconds": result.seconds,
         }
     )
-    return RecordDict({"arrays": pack_weights(model.state_dict()), "metrics": metrics})
+    return RecordDict({"arrays": task.outgoing(model), "metrics": metrics})
 
 
 def validation_metrics(
@@ -185,31 +225,66 @@ def validation_metrics(
     return values
 
 
-def _evaluate(msg: Message, run: RunConfig, site: SiteConfig, manifest: SiteManifest) -> RecordDict:
-    model = _model_from(msg.content["arrays"], run, site)
-    [result] = validate_models({"global": model}, manifest, roi_size=run.patch_size).values()
-    values = validation_metrics(
-        result, min_cases=site.min_cases(run), share_per_case=site.consent.share_per_case
-    )
-    return RecordDict({"metrics": MetricRecord(values)})
-
-
-def _evaluate_models(
-    msg: Message, run: RunConfig, site: SiteConfig, manifest: SiteManifest
-) -> RecordDict:
-    """Cross-site validation: ``model-<i>`` arrays in, ``metrics-<i>`` records out."""
-    config = msg.content["config"]
-    assert isinstance(config, ConfigRecord)
-    count = int(config["num-models"])  # type: ignore[arg-type]
-    models = {f"{i}": _model_from(msg.content[f"model-{i}"], run, site) for i in range(count)}
-    results = validate_models(models, manifest, roi_size=run.patch_size)
-    reply = RecordDict()
+def _validated(task: SiteTask, models: dict[str, torch.nn.Module]) -> dict[str, MetricRecord]:
+    """Validate ``models`` on this site's held-out cases: what may leave, per model."""
+    run, site = task.run, task.site
+    results = validate_models(models, task.manifest, roi_size=run.patch_size)
+    out = {}
     for key, result in results.items():
         values = validation_metrics(
             result, min_cases=site.min_cases(run), share_per_case=site.consent.share_per_case
         )
-        reply[f"metrics-{key}"] = MetricRecord(values)
+        out[key] = MetricRecord(values)
+    return out
+
+
+def _evaluate(task: SiteTask) -> RecordDict:
+    [metrics] = _validated(task, {"global": task.model()}).values()
+    return RecordDict({"metrics": metrics})
+
+
+def _evaluate_models(task: SiteTask) -> RecordDict:
+    """Cross-site validation: ``model-<i>`` arrays in, ``metrics-<i>`` records out."""
+    config = task.msg.content["config"]
+    assert isinstance(config, ConfigRecord)
+    count = int(config["num-models"])  # type: ignore[arg-type]
+    models = {f"{i}": task.model(f"model-{i}") for i in range(count)}
+    return RecordDict({f"metrics-{k}": m for k, m in _validated(task, models).items()})
+
+
+def _personalise(task: SiteTask) -> RecordDict:
+    """Fine-tune the final model on this site's training cases for ``personalise-steps`` and
+    validate it beside the global one: ``metrics-global`` and ``metrics-personalised`` leave,
+    the fine-tuned weights stay (the seed paper's point that the global optimum need not be
+    best for every site)."""
+    run, manifest = task.run, task.manifest
+    personalised = task.model()
+    seed = derive_seed(run.seed, "personalise", manifest.site)
+    batches = training_batches(
+        manifest, patch_size=run.patch_size, batch_size=run.batch_size, seed=seed
+    )
+    result = train_local(
+        personalised, batches,
+        settings=TrainSettings(steps=run.personalise_steps, learning_rate=run.learning_rate),
+    )  # fmt: skip
+    models = {"global": task.model(), "personalised": personalised}
+    reply = RecordDict({f"metrics-{k}": m for k, m in _validated(task, models).items()})
+    reply["metrics-training"] = MetricRecord(
+        {"local-steps": result.steps, "train-loss": result.mean_loss}
+    )
     return reply
+
+
+def _identity(msg: Message, context: Context) -> Message:
+    """Who this node is; the name only, no data check (that comes with real work)."""
+    run = RunConfig.from_flower(context.run_config)
+    try:
+        site = SiteConfig.from_node_config(context.node_config, run)
+        name = _site_name(site.data_path)
+    except (ConfigError, OSError):
+        log(ERROR, "site configuration is invalid", exc_info=True)
+        name = f"node-{context.node_id}"
+    return Message(content=RecordDict({"site": ConfigRecord({"site": name})}), reply_to=msg)
 
 
 @app.train()
@@ -228,6 +303,18 @@ def train_alone(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Validate the received global model on this site's own validation cases."""
     return _answer(msg, context, action="evaluate", work=_evaluate)
+
+
+@app.evaluate("personalised")
+def evaluate_personalised(msg: Message, context: Context) -> Message:
+    """Fine-tune the final model on this site's own cases; validate both versions."""
+    return _answer(msg, context, action="personalise", work=_personalise)
+
+
+@app.query("identity")
+def identity(msg: Message, context: Context) -> Message:
+    """Name this site (a cyclic study's roll-call)."""
+    return _identity(msg, context)
 
 
 @app.evaluate("models")

@@ -16,7 +16,10 @@ from pathlib import Path
 
 Scalar = bool | int | float | str | bytes
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = (
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "fedbn",
+    "cyclic",
+)  # fmt: skip
 # A site's compute device: auto (a CUDA GPU when torch sees one), cpu, cuda, cuda:N.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MODES = ("train", "evaluate", "cross-site")
@@ -53,6 +56,12 @@ class RunConfig:
     trim_fraction: float = 0.2
     # Krum: how many faulty sites to tolerate.
     faulty_sites: int = 0
+    # Cyclic: the order the model visits the sites in each round, comma-separated site names
+    # ("": by site name). A site not named is not visited.
+    site_order: str = ""
+    # After the last round each site fine-tunes the final model this many steps on its own
+    # training cases and validates both (0: no personalisation). The fine-tuned model stays.
+    personalise_steps: int = 0
     model_preset: str = "tiny"
     local_steps: int = 40
     batch_size: int = 2
@@ -88,6 +97,10 @@ class RunConfig:
             raise ConfigError("server-learning-rate and server-tau must be > 0")
         if not 0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.personalise_steps < 0:
+            raise ConfigError(f"personalise-steps must be >= 0, got {self.personalise_steps}")
+        if self.strategy == "fedbn":
+            self._check_fedbn()
         if self.faulty_sites < 0:
             raise ConfigError(f"faulty-sites must be >= 0, got {self.faulty_sites}")
         if self.proximal_mu < 0:
@@ -102,6 +115,32 @@ class RunConfig:
             raise ConfigError("wait-for-sites must be >= 0 and round-timeout >= 1")
         if self.patch_size % 16:
             raise ConfigError(f"patch-size must be a multiple of 16, got {self.patch_size}")
+
+    def _check_fedbn(self) -> None:
+        # The sites' normalisation lives in Flower's per-run site state: nothing outside the
+        # running study can supply or restore it.
+        if self.mode != "train":
+            raise ConfigError(f"strategy fedbn trains; mode '{self.mode}' cannot use it")
+        if self.initial_model:
+            raise ConfigError(
+                "strategy fedbn keeps normalisation at the sites, so initial-model's cannot "
+                "reach them: start fedbn from the preset's initialisation"
+            )
+        if self.resume:
+            raise ConfigError(
+                "a fedbn study cannot resume: each site's normalisation was kept in the "
+                "interrupted run's site state"
+            )
+
+    @property
+    def keeps_norm_local(self) -> bool:
+        """FedBN: normalisation layers never leave the sites."""
+        return self.strategy == "fedbn"
+
+    @property
+    def site_sequence(self) -> list[str]:
+        """``site-order`` as a list of site names (empty: every site, by name)."""
+        return [s.strip() for s in self.site_order.split(",") if s.strip()]
 
     @property
     def available_sites(self) -> int:

@@ -26,6 +26,12 @@ from fedseg.simulation import SimulationSpec, app_dir, run_simulation
 def model_settings(model: Path) -> dict[str, Any]:
     """The preset and patch size a model was trained with, from the ``model.json`` beside it."""
     meta = _model_description(model)
+    if meta.get("site_local_layers"):
+        raise ValueError(
+            f"{model}: trained with {meta.get('strategy', 'fedbn')}, its "
+            f"{meta['site_local_layers']} layers stayed at each site; this file holds only "
+            "their initialisation, so it cannot be validated as one model"
+        )
     try:
         return {"model_preset": str(meta["model_preset"]), "patch_size": int(meta["patch_size"])}
     except (KeyError, ValueError, TypeError) as err:

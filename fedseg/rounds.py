@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from fedseg.strategies import MetricsBook, RecordingCyclic
 
 POLL_SECONDS = 0.2
 
@@ -135,11 +137,16 @@ def run_rounds(
     checkpoint). A round whose aggregation yields nothing keeps the previous model."""
     for server_round in range(plan.first_round, plan.last_round + 1):
         log(INFO, "[ROUND %d/%d]", server_round, plan.last_round)
-        train = strategy.configure_train(server_round, arrays, ConfigRecord(), _sites(grid, plan))
-        replies = exchange(grid, train, timeout_s=plan.round_timeout_s)
-        aggregated, _ = strategy.aggregate_train(server_round, replies)
-        if aggregated is not None:
-            arrays = aggregated
+        if isinstance(strategy, RecordingCyclic):
+            arrays = cyclic_round(strategy, grid, server_round=server_round, arrays=arrays,
+                                  plan=plan)  # fmt: skip
+        else:
+            sites = _sites(grid, plan)
+            train = strategy.configure_train(server_round, arrays, ConfigRecord(), sites)
+            replies = exchange(grid, train, timeout_s=plan.round_timeout_s)
+            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            if aggregated is not None:
+                arrays = aggregated
         evaluate = strategy.configure_evaluate(
             server_round, arrays, ConfigRecord(), _sites(grid, plan)
         )
@@ -147,4 +154,60 @@ def run_rounds(
             server_round, exchange(grid, evaluate, timeout_s=plan.round_timeout_s)
         )
         on_round(server_round, arrays)
+    return arrays
+
+
+def roll_call(grid: Grid, book: MetricsBook, *, timeout_s: float) -> dict[str, int]:
+    """Ask every connected node its site name (``query.identity``); ``{site: node id}``.
+
+    Node ids are Flower's; a study names sites, so the cyclic order needs this mapping before
+    the first model is sent. A node that does not answer is simply not found.
+    """
+    nodes = sorted(grid.get_node_ids())
+    asks = [Message(RecordDict(), message_type=f"{MessageType.QUERY}.identity", dst_node_id=n)
+            for n in nodes]  # fmt: skip
+    for reply in exchange(grid, asks, timeout_s=timeout_s):
+        if not reply.has_error() and "site" in reply.content:
+            identity = reply.content["site"]
+            assert isinstance(identity, ConfigRecord)
+            book.node_sites[reply.metadata.src_node_id] = str(identity["site"])
+    return {book.node_sites[n]: n for n in nodes if n in book.node_sites}
+
+
+def cyclic_round(
+    strategy: RecordingCyclic, grid: Grid, *, server_round: int, arrays: ArrayRecord,
+    plan: RoundPlan,
+) -> ArrayRecord:  # fmt: skip
+    """One pass of the cyclic plan: the model goes to each site in ``strategy.order`` (all
+    connected sites by name when empty) and each site's trained model is the next one's start.
+
+    A site that is not connected, fails or declines is recorded and skipped; the model goes on
+    from the last good site. Fewer than ``min-train-sites`` good visits keep the round's
+    starting model, as an aggregating strategy would.
+    """
+    book = strategy.book
+    wait_for_sites(grid, minimum=plan.min_sites, timeout_s=plan.wait_for_sites_s)
+    by_site = roll_call(grid, book, timeout_s=min(60.0, plan.round_timeout_s))
+    record = book.round_record(server_round)
+    start, visited = arrays, 0
+    for site in strategy.order or sorted(by_site):
+        node = by_site.get(site)
+        if node is None:
+            reason = "not connected when its turn in site-order came"
+            record.failures.append({"site": site, "phase": "train", "reason": reason})
+            continue
+        config = ConfigRecord({"server-round": server_round})
+        msg = Message(RecordDict({"arrays": arrays, "config": config}),
+                      message_type=MessageType.TRAIN, dst_node_id=node)  # fmt: skip
+        trained = book.record_train(
+            server_round, exchange(grid, [msg], timeout_s=plan.round_timeout_s)
+        )
+        if node in trained:
+            arrays, visited = trained[node], visited + 1
+    if visited < strategy.min_train_nodes:
+        record.not_aggregated = (
+            f"only {visited} of the {strategy.min_train_nodes} sites required (min-train-sites) "
+            "trained; the global model is unchanged"
+        )
+        return start
     return arrays

@@ -18,6 +18,7 @@ from fedseg import __version__
 from fedseg.artifacts import load_weights, save_weights, write_json
 from fedseg.config import RunConfig
 from fedseg.cross_site import run_cross_site
+from fedseg.personalise import run_personalisation
 from fedseg.records import pack_weights, unpack_weights
 from fedseg.resume import (
     STATE_NAME,
@@ -30,6 +31,7 @@ from fedseg.resume import (
 from fedseg.rounds import RoundPlan, run_rounds
 from fedseg.strategies import MetricsBook, build_strategy
 from fedseg.task.model import build_model
+from fedseg.task.sharing import load_partial, normalisation_keys, travelling_state
 
 app = ServerApp()
 
@@ -47,6 +49,8 @@ class RoundWriter:
         self.initial = initial
         # A strategy with server-side state (FedAdam's moments) saves it with each checkpoint.
         self.strategy: object = None
+        # Global vs fine-tuned model per site, after the last round (fedseg.personalise).
+        self.personalisation: dict[str, object] = {}
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
         write_json(self.run_dir / "metrics.json", self.payload())
@@ -69,6 +73,8 @@ class RoundWriter:
 
     def payload(self) -> dict[str, object]:
         extra: dict[str, object] = {"initial_model": self.initial} if self.initial else {}
+        if self.personalisation:
+            extra["personalisation"] = self.personalisation
         return {
             "fedseg_version": __version__,
             "mode": self.run.mode,
@@ -100,15 +106,20 @@ def run_study(run: RunConfig, run_dir: Path, grid: Grid) -> None:
     model and metrics."""
     # A resumed study's weights come from its checkpoint; initial-model may have moved since.
     model = build_model(run.model_preset, seed=run.seed) if run.resume else initial_model(run)
-    size = sum(t.numel() for t in model.state_dict().values())
+    if run.keeps_norm_local and not normalisation_keys(model):
+        raise ValueError(
+            f"strategy fedbn keeps each site's normalisation layers at the site, but model "
+            f"preset '{run.model_preset}' has none to keep: use '{run.model_preset}-bn'"
+        )
+    size = sum(t.numel() for t in travelling(model, run).values())
     book = MetricsBook(weights_size=size)
     writer = RoundWriter(run_dir, book, run, initial=initial_model_record(run, run_dir))
     if run.mode == "cross-site":
         # Local models start where the study started: the preset's seeded initialisation.
-        start = build_model(run.model_preset, seed=run.seed).state_dict()
+        start = travelling(build_model(run.model_preset, seed=run.seed), run)
         cross = run_cross_site(
-            grid, run=run, start=pack_weights(start), global_model=pack_weights(model.state_dict()),
-            book=book,
+            grid, run=run, start=pack_weights(start),
+            global_model=pack_weights(travelling(model, run)), book=book,
         )  # fmt: skip
         save_local_models(run_dir, run, cross.local_models)
         payload = writer.payload()
@@ -138,7 +149,7 @@ def run_training(
     arrays = run_rounds(
         strategy,
         grid,
-        arrays=pack_weights(model.state_dict()),
+        arrays=pack_weights(travelling(model, run)),
         # Evaluation: one round in which no site trains and every site validates.
         plan=RoundPlan(
             first_round=first_round,
@@ -151,6 +162,8 @@ def run_training(
     )
     if run.mode == "train":
         save_final_model(run_dir, run, book, arrays)
+        if run.personalise_steps:
+            writer.personalisation = run_personalisation(grid, arrays=arrays, run=run, book=book)
     write_json(run_dir / "metrics.json", writer.payload())
 
 
@@ -199,9 +212,17 @@ def save_local_models(run_dir: Path, run: RunConfig, models: dict[str, ArrayReco
                    trained_on=site)  # fmt: skip
 
 
+def travelling(model: torch.nn.Module, run: RunConfig) -> dict[str, torch.Tensor]:
+    """What of ``model`` the server sends and the sites return in this study."""
+    return travelling_state(model, keep_norm_local=run.keeps_norm_local)
+
+
 def state_dict(arrays: ArrayRecord, run: RunConfig) -> dict[str, torch.Tensor]:
-    """Packed weights from the wire back into the preset's state dict."""
-    return unpack_weights(arrays, build_model(run.model_preset, seed=run.seed).state_dict())
+    """Packed weights from the wire back into the preset's full state dict; what never
+    travels (FedBN's normalisation, integer counters) is the preset's seeded initial value."""
+    model = build_model(run.model_preset, seed=run.seed)
+    load_partial(model, unpack_weights(arrays, travelling(model, run)))
+    return dict(model.state_dict())
 
 
 def save_model(
@@ -223,6 +244,9 @@ def save_model(
             "learning_rate": run.learning_rate,
             "seed": run.seed,
             "trained_on": trained_on,
+            "strategy": run.strategy,
+            # FedBN: these layers hold the initialisation; each site's own never left it.
+            "site_local_layers": "normalisation" if run.keeps_norm_local else "",
             "fedseg_version": __version__,
         },
     )

@@ -95,7 +95,7 @@ class MetricsBook:
     # Values in the model's packed weights; a trained update of another size is refused.
     weights_size: int = 0
 
-    def _round(self, server_round: int) -> RoundRecord:
+    def round_record(self, server_round: int) -> RoundRecord:
         return self.rounds.setdefault(server_round, RoundRecord(round=server_round))
 
     def _site_of(self, msg: Message) -> str:
@@ -129,7 +129,7 @@ class MetricsBook:
     def record_train(self, server_round: int, replies: list[Message]) -> dict[int, ArrayRecord]:
         """Note each site's training summary, or its failure; return the trained arrays of
         the good replies by node id."""
-        record = self._round(server_round)
+        record = self.round_record(server_round)
         trained: dict[int, ArrayRecord] = {}
         for msg, site, _ in self.successes(record, replies, "train"):
             m, arrays = msg.content["metrics"], msg.content["arrays"]
@@ -153,7 +153,7 @@ class MetricsBook:
         A site below its minimum case count sends only the count: it is recorded as withheld
         and left out of the pooled values.
         """
-        record = self._round(server_round)
+        record = self.round_record(server_round)
         for msg, site, identity in self.successes(record, replies, "evaluate"):
             m = msg.content["metrics"]
             assert isinstance(m, MetricRecord)
@@ -225,6 +225,21 @@ class RecordingFedProx(_Recording, FedProx):
     """FedProx: FedAvg plus ``proximal-mu`` sent to the sites, which add the proximal term."""
 
 
+class RecordingFedBN(RecordingFedAvg):
+    """FedBN (Li et al. 2021): FedAvg over everything but normalisation layers, which the
+    sites keep (they are not in what travels: :mod:`fedseg.task.sharing`)."""
+
+
+class RecordingCyclic(RecordingFedAvg):
+    """The cyclic compute plan (Rieke et al. 2020, Fig. 2e; Chang et al. 2018): each round the
+    model visits the sites one after another in ``order``, each training it further, instead
+    of being averaged. :func:`fedseg.rounds.cyclic_round` runs the visits; validation is
+    FedAvg's (every site validates the round's model)."""
+
+    #: Site names in visiting order; empty: every connected site, by name.
+    order: list[str]
+
+
 class _ServerMoments:
     """Mixin for Flower's FedOpt family: its server-side moments (``m_t``, ``v_t``) are the
     strategy's state, saved with every checkpoint so a resumed study continues them."""
@@ -276,6 +291,8 @@ def _options(run: RunConfig) -> dict[str, dict[str, Any]]:
         "fedmedian": {},
         "fedtrimmedavg": {"beta": run.trim_fraction},
         "krum": {"num_malicious_nodes": run.faulty_sites},
+        "fedbn": {},
+        "cyclic": {},
     }
 
 
@@ -288,6 +305,8 @@ REGISTRY: dict[str, type[_Recording]] = {
     "fedmedian": RecordingFedMedian,
     "fedtrimmedavg": RecordingFedTrimmedAvg,
     "krum": RecordingKrum,
+    "fedbn": RecordingFedBN,
+    "cyclic": RecordingCyclic,
 }
 
 
@@ -306,5 +325,7 @@ def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
         raise ValueError(f"strategy '{run.strategy}' has no implementation")
     strategy = REGISTRY[run.strategy](**common, **_options(run)[run.strategy])  # type: ignore[call-arg]
     strategy.book = book
+    if isinstance(strategy, RecordingCyclic):
+        strategy.order = run.site_sequence
     assert isinstance(strategy, Strategy)
     return strategy

@@ -1,12 +1,14 @@
 """MONAI 3D U-Net presets.
 
-Instance normalisation everywhere: its statistics are computed per scan, so nothing about one
-site's intensity distribution is baked into shared running averages (BatchNorm would be).
+Instance normalisation by default: its statistics are computed per scan, so nothing about one
+site's intensity distribution is baked into shared running averages (BatchNorm would be). The
+``-bn`` presets use BatchNorm, whose scale, shift and running statistics are what FedBN keeps at
+each site (Li et al. 2021): with instance normalisation there is nothing for it to keep.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from monai.networks.nets import UNet
@@ -23,6 +25,8 @@ class ModelPreset:
     channels: tuple[int, ...]
     strides: tuple[int, ...]
     num_res_units: int
+    # MONAI's norm name: "instance" (no learnt parameters) or "batch".
+    norm: str = "instance"
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -36,6 +40,8 @@ PRESETS: dict[str, ModelPreset] = {
         num_res_units=2,
     ),
 }
+# BatchNorm twins, for FedBN (strategy = "fedbn") and for comparing against it like for like.
+PRESETS |= {f"{n}-bn": replace(p, name=f"{n}-bn", norm="batch") for n, p in list(PRESETS.items())}
 
 
 def get_preset(name: str) -> ModelPreset:
@@ -59,7 +65,7 @@ def build_model(preset: str, *, seed: int) -> torch.nn.Module:
             channels=spec.channels,
             strides=spec.strides,
             num_res_units=spec.num_res_units,
-            norm="instance",
+            norm=spec.norm,
         )
     finally:
         torch.random.set_rng_state(generator_state)
