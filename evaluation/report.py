@@ -219,6 +219,43 @@ class CrossSite:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Personalised:
+    """One site's Dice with the global model and with it fine-tuned there (``None``: withheld)."""
+
+    site: str
+    dice_global: dict[str, float | None]
+    dice_personalised: dict[str, float | None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Personalisation:
+    """metrics.json's ``personalisation``: global vs fine-tuned per site, and who could not."""
+
+    steps: int
+    sites: list[Personalised]
+    not_done: list[tuple[str, str]]
+
+
+def _personalisation(data: dict[str, Any] | None) -> Personalisation | None:
+    if not data:
+        return None
+    sites = [
+        Personalised(
+            site=name,
+            dice_global={r: _num((e["global"].get("dice") or {}).get(r)) for r in REGION_NAMES},
+            dice_personalised={
+                r: _num((e["personalised"].get("dice") or {}).get(r)) for r in REGION_NAMES
+            },
+        )
+        for name, e in sorted(data.get("sites", {}).items())
+    ]
+    not_done = [
+        (f["site"], f["reason"]) for f in [*data.get("failures", []), *data.get("abstained", [])]
+    ]
+    return Personalisation(steps=int(data.get("steps", 0)), sites=sites, not_done=not_done)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunView:
     """Everything the report says, in the order it says it."""
 
@@ -233,6 +270,7 @@ class RunView:
     skipped: list[dict[str, Any]]
     config: dict[str, Any]
     cross_site: CrossSite | None
+    personalisation: Personalisation | None = None
 
     def failure_counts(self) -> tuple[list[int], list[str], dict[tuple[str, int], str]]:
         """Rounds with failures, failing sites, and ``(site, round) -> "1 train, 1 evaluate"``."""
@@ -272,6 +310,7 @@ def build_view(
         skipped=list(metrics.get("skipped_cases") or []),
         config=dict(metrics.get("config") or {}),
         cross_site=_cross_site(metrics.get("cross_site")),
+        personalisation=_personalisation(metrics.get("personalisation")),
     )
 
 

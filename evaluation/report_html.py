@@ -157,6 +157,8 @@ def html_report(view: RunView, figures: Figures) -> str:
     ]
     if view.cross_site and figures.cross_site:
         sections.append(("cross-site", "Cross-site evaluation", _cross_site(figures)))
+    if view.personalisation:
+        sections.append(("personalised", "Global vs personalised", _personalised(view)))
     sections.append(("config", "Configuration", _config(view)))
     return page(
         view.title,
@@ -291,6 +293,37 @@ def _cross_site(figures: Figures) -> Markup:
     return Markup(f'{intro}<div class="heatmaps">{images}</div>')
 
 
+def personalisation_rows(view: RunView) -> list[list[str]]:
+    """Per site and region: global Dice, fine-tuned Dice and the change."""
+    assert view.personalisation is not None
+    rows = []
+    for p in view.personalisation.sites:
+        cells = [p.site]
+        for r in REGION_NAMES:
+            before, after = p.dice_global[r], p.dice_personalised[r]
+            if before is None or after is None:
+                cells.append("withheld")
+            else:
+                cells.append(f"{before:.3f} → {after:.3f} ({after - before:+.3f})")
+        rows.append(cells)
+    return rows
+
+
+def _personalised(view: RunView) -> Markup:
+    assert view.personalisation is not None
+    steps = view.personalisation.steps
+    intro = (
+        f"<p>After the last round each site fine-tuned the final model for {steps} steps on "
+        "its own training cases and validated both on its own validation cases; the "
+        "fine-tuned models never left the sites. Dice: global → personalised (change).</p>"
+    )
+    out = intro + table(["site", *REGION_NAMES], personalisation_rows(view))
+    if view.personalisation.not_done:
+        items = "".join(f"<li>{esc(s)}: {esc(r)}</li>" for s, r in view.personalisation.not_done)
+        out += f'<p class="note">Not personalised:</p><ul>{items}</ul>'
+    return Markup(out)
+
+
 def _config(view: RunView) -> Markup:
     rows = [
         [k, Markup(f'<td class="mono">{esc(json.dumps(v))}</td>')] for k, v in view.config.items()
@@ -342,6 +375,15 @@ def markdown_text(view: RunView) -> str:
                         for m, row in zip(view.cross_site.models, matrix, strict=True)
                     ],
                 )
+    if view.personalisation:
+        lines += [
+            "",
+            f"## Global vs personalised ({view.personalisation.steps} steps at "
+            "each site; Dice: global → personalised)",
+            "",
+        ]
+        lines += _md_table(["site", *REGION_NAMES], personalisation_rows(view))
+        lines += [f"- not personalised: {s}: {r}" for s, r in view.personalisation.not_done]
     lines += ["", "## Configuration", "", "```toml"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in view.config.items()]
     lines += ["```", "", "![Dice learning curves](learning_curves.png)"]

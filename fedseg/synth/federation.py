@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedseg.synth.profiles import default_profiles
+from fedseg.synth.profiles import SiteProfile, default_profiles
 from fedseg.synth.render import render_case
 from fedseg.synth.writers import finish_site, write_case
 
@@ -23,6 +23,7 @@ def generate_federation(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     overwrite: bool = False,
+    profiles: Sequence[SiteProfile] | None = None,
 ) -> list[Path]:
     """Write a raw multi-site federation under ``out``.
 
@@ -42,6 +43,9 @@ def generate_federation(
         Called with a short message after each case is written.
     overwrite
         Replace site folders that already exist; otherwise they are refused.
+    profiles
+        The sites to write instead of the default ones (``n_sites`` and
+        ``cases_per_site`` are then ignored), e.g. a benchmark's harder federation.
 
     Returns
     -------
@@ -50,7 +54,11 @@ def generate_federation(
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    profiles = default_profiles(n_sites, cases_per_site=cases_per_site)
+    if profiles is None:
+        profiles = default_profiles(n_sites, cases_per_site=cases_per_site)
+    names = [p.name for p in profiles]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"profiles need distinct site names, got {names}")
     out = Path(out)
     site_dirs = [out / p.name for p in profiles]
     busy = [d for d in site_dirs if d.exists() and any(d.iterdir())]

@@ -6,6 +6,8 @@ only loads, samples patches and augments; it never re-harmonises.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -57,12 +59,26 @@ class LabelToRegionsd(MapTransform):
         return d
 
 
+def _nifti_loader() -> LoadImaged:
+    # MONAI builds its GPU DICOM reader even for a named NIfTI reader and warns, each time,
+    # that the GPU codec is missing: noise in every site's log, irrelevant to NIfTI.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+        plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+        level = plugin_log.level
+        plugin_log.setLevel(logging.ERROR)
+        try:
+            # Canonical data is NIfTI only; naming the reader also skips probing the others.
+            return LoadImaged(keys=["image", "label"], reader="NibabelReader", image_only=False)
+        finally:
+            plugin_log.setLevel(level)
+
+
 def load_transforms() -> Compose:
     """Deterministic loading shared by training and validation."""
     return Compose(
         [
-            # Canonical data is NIfTI only; naming the reader also skips probing the others.
-            LoadImaged(keys=["image", "label"], reader="NibabelReader", image_only=False),
+            _nifti_loader(),
             EnsureChannelFirstd(keys=["image", "label"]),
             EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False),
         ]

@@ -295,9 +295,13 @@ def test_cross_site_report_names_the_global_model_and_evaluation_only_sites(
         r["abstained"] = [
             {"site": "hospital-c", "phase": "train", "reason": "evaluation only (train = false)"}
         ]
-    final = metrics["final"] = dict(metrics["rounds"][-1], sites={
-        "hospital-a": _site(2, 3), "hospital-c": {**_site(1, 5), "fingerprint": "c" * 64},
-    })  # fmt: skip
+    final = metrics["final"] = dict(
+        metrics["rounds"][-1],
+        sites={
+            "hospital-a": _site(2, 3),
+            "hospital-c": {**_site(1, 5), "fingerprint": "c" * 64},
+        },
+    )
     final["abstained"] = []
     metrics["cross_site"] = {
         "models": ["global", "hospital-a"],
@@ -315,3 +319,27 @@ def test_cross_site_report_names_the_global_model_and_evaluation_only_sites(
     assert row_c[1] == "5" and row_c[-1] == "train: evaluation only (train = false)"
     assert "cccccccccccc" in row_c
     assert "| global | 4.3 | 6.0 |" in text  # HD95 in mm with one decimal, as elsewhere
+
+
+def test_personalisation_table_shows_global_personalised_and_change(tmp_path: Path) -> None:
+    metrics = _metrics()
+    metrics["personalisation"] = {
+        "steps": 20,
+        "sites": {"hospital-a": {"global": _site(1, 3), "personalised": _site(2, 3)}},
+        "failures": [],
+        "abstained": [
+            {
+                "site": "hospital-b",
+                "phase": "personalise",
+                "reason": "the site does not take part in training (train = false)",
+            }
+        ],
+    }
+    text = markdown_report(metrics, title="t")
+    assert "Global vs personalised (20 steps" in text
+    assert "| hospital-a | 0.400 → 0.800 (+0.400) | 0.300 → 0.600 (+0.300) |" in text
+    assert "not personalised: hospital-b: the site does not take part in training" in text
+    files = write_report(metrics, tmp_path, title="t")
+    html = files.html.read_text()
+    assert 'id="personalised"' in html and "0.400 → 0.800 (+0.400)" in html
+    assert 'id="personalised"' not in markdown_report(_metrics(), title="t")
