@@ -171,6 +171,8 @@ def _answer(
         return decline_reply(msg, site=no.site, reason=no.reason, kind=no.kind)
     try:
         content = work(SiteTask(msg, run, site, manifest, context.state))
+    except SiteDeclinedError as no:
+        return decline_reply(msg, site=no.site, reason=no.reason, kind=no.kind)
     except Exception:  # anything: its text may hold paths or case ids
         # Flower would send the exception's text to the server; it stays in the site's log.
         log(ERROR, "%s failed at this site, declining", action, exc_info=True)
@@ -239,6 +241,10 @@ def _validated(task: SiteTask, models: dict[str, torch.nn.Module]) -> dict[str, 
 
 
 def _evaluate(task: SiteTask) -> RecordDict:
+    if task.run.keeps_norm_local and _LOCAL_NORM not in task.state:
+        # Scores with the preset's initial BatchNorm statistics would describe no real model.
+        reason = "fedbn: the site has not trained in this study, so has no normalisation of its own"
+        raise SiteDeclinedError(task.manifest.site, reason, kind="abstain")
     [metrics] = _validated(task, {"global": task.model()}).values()
     return RecordDict({"metrics": metrics})
 

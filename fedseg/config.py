@@ -101,6 +101,8 @@ class RunConfig:
             raise ConfigError(f"personalise-steps must be >= 0, got {self.personalise_steps}")
         if self.strategy == "fedbn":
             self._check_fedbn()
+        if self.site_order and self.strategy != "cyclic":
+            raise ConfigError(f"site-order is for strategy cyclic, not {self.strategy}")
         if self.faulty_sites < 0:
             raise ConfigError(f"faulty-sites must be >= 0, got {self.faulty_sites}")
         if self.proximal_mu < 0:
@@ -169,6 +171,7 @@ SITE_CONFIG_NAME = "site.toml"
 _SITE_KEYS = (
     "data-path",
     "device",
+    "egress-log",
     "num-threads",
     "min-cases-to-report",
     "train",
@@ -209,6 +212,8 @@ class SiteConfig:
     # The site's own floor for min-cases-to-report: the server sets the study's, but cannot
     # lower a site's below this (0: the study's value applies).
     min_cases_to_report: int = 0
+    # Where the egress guard logs every reply sent or blocked (None: beside the data).
+    egress_log: Path | None = None
 
     def min_cases(self, run: RunConfig) -> int:
         """Fewer validation cases than this and only their count leaves the site."""
@@ -253,6 +258,7 @@ class SiteConfig:
             if not DEVICE_PATTERN.fullmatch(device):
                 raise ConfigError(f"device '{device}' unknown; use auto, cpu, cuda or cuda:N")
             floor = _get(values, "min-cases-to-report", int, 0)
+            egress_log = str(_get(values, "egress-log", str, ""))
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         return cls(
@@ -261,6 +267,7 @@ class SiteConfig:
             num_threads=int(threads),  # type: ignore[call-overload]
             consent=Consent(**consent),  # type: ignore[arg-type]
             min_cases_to_report=int(floor),  # type: ignore[call-overload]
+            egress_log=Path(egress_log) if egress_log else None,
         )
 
 

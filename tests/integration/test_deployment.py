@@ -128,6 +128,36 @@ def test_tls_study_with_authenticated_supernodes(sites: dict[str, Path], tmp_pat
 
 
 @pytest.mark.deployment
+def test_fedbn_site_state_and_the_cyclic_roll_call_on_the_deployment_engine(
+    sites: dict[str, Path], tmp_path: Path
+) -> None:
+    """FedBN's normalisation lives in Flower's per-run site state: a site validates only when
+    its state from training survived into the next message (else it abstains), and it keeps
+    it across rounds and into personalisation. The cyclic plan's roll-call names the nodes
+    through real SuperNodes."""
+    with loopback_federation(tmp_path / "fed", tls=False) as federation:
+        _start_sites(federation, sites)
+        fedbn = _study_config(tmp_path / "fedbn.toml", rounds=2, min_sites=3, strategy="fedbn",
+                              **{"model-preset": "tiny-bn", "personalise-steps": 1})  # fmt: skip
+        out_bn = _finish(_study(federation, "--config", str(fedbn), "--run-dir",
+                                str(tmp_path / "fedbn")))  # fmt: skip
+        order = ["hospital-b", "hospital-c", "hospital-a"]
+        cyclic = _study_config(tmp_path / "cyclic.toml", rounds=1, min_sites=3,
+                               strategy="cyclic", **{"site-order": ",".join(order)})  # fmt: skip
+        out_cy = _finish(_study(federation, "--config", str(cyclic), "--run-dir",
+                                str(tmp_path / "cyclic")))  # fmt: skip
+    assert "done" in out_bn, out_bn[-3000:]
+    metrics = json.loads((tmp_path / "fedbn" / "metrics.json").read_text())
+    for record in metrics["rounds"]:
+        assert set(record["sites"]) == set(SITES), record["abstained"]
+        assert record["failures"] == [] and record["abstained"] == []
+    assert set(metrics["personalisation"]["sites"]) == set(SITES)
+    assert "done" in out_cy, out_cy[-3000:]
+    [record] = json.loads((tmp_path / "cyclic" / "metrics.json").read_text())["rounds"]
+    assert list(record["train"]) == order and record["failures"] == []
+
+
+@pytest.mark.deployment
 def test_unregistered_supernode_and_wrong_ca_are_refused(
     sites: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -84,3 +84,10 @@ def test_tiny_benchmark_runs_every_kind_of_method(tmp_path: Path) -> None:
         assert all(0 <= by_site[s]["mean"]["mean"] <= 1 for s in by_site)
     assert (tmp_path / "results.json").is_file() and (tmp_path / "heterogeneity.png").is_file()
     assert set(payload["checks"]["sites"]) == {"hospital-a", "hospital-b"}
+
+
+def test_benchmark_entry_point_names_the_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:
+    from evaluation.benchmark import main
+
+    assert main(["no-such-benchmark"]) == 2
+    assert "heterogeneity, deployment, harmonise, metrics" in capsys.readouterr().err

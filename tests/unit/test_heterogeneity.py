@@ -97,6 +97,19 @@ def test_fedbn_site_validates_with_its_own_normalisation(tiny_site: Path) -> Non
         assert torch.equal(model.state_dict()[key], value), key
 
 
+def test_fedbn_site_that_never_trained_sits_validation_out(tiny_site: Path) -> None:
+    run = RunConfig(strategy="fedbn", model_preset="tiny-bn")
+    reply = client_app.evaluate(_message(run, "evaluate"), _context(tiny_site, run))
+    kind, reason = declined(reply) or ("", "")
+    assert kind == "abstain" and "no normalisation of its own" in reason
+
+
+def test_site_order_is_only_for_the_cyclic_plan() -> None:
+    with pytest.raises(ConfigError, match="site-order is for strategy cyclic"):
+        RunConfig(site_order="hospital-a,hospital-b")
+    assert RunConfig(strategy="cyclic", site_order=" a, b,").site_sequence == ["a", "b"]
+
+
 def test_fedavg_on_a_bn_preset_sends_norm_weights_but_no_counters(tiny_site: Path) -> None:
     run = RunConfig(model_preset="tiny-bn", local_steps=1)
     reply = client_app.train(_message(run), _context(tiny_site, run))
