@@ -29,6 +29,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(pki_app, name="pki")
+audit_app = typer.Typer(
+    help="A study's hash-chained audit trail (audit.jsonl).", no_args_is_help=True
+)
+app.add_typer(audit_app, name="audit")
 # soft_wrap: never break a file path across lines; users copy them.
 console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -213,6 +217,22 @@ def harmonise(
         )
     n = len(result.manifest.train_cases) + len(result.manifest.validation_cases)
     console.print(f"[green]done[/green]: {n} cases in {out_dir}, {len(result.skipped)} skipped")
+
+
+@audit_app.command("verify")
+@friendly_errors
+def audit_verify(
+    run_dir: Annotated[Path, typer.Argument(help="A study's run folder (holds audit.jsonl).")],
+) -> None:
+    """Check the audit trail's hash chain and every checkpoint and model it names; name the
+    first record or file that does not fit (exit 1)."""
+    from fedseg.audit import verify_run
+
+    checked = verify_run(run_dir)
+    console.print(
+        f"[green]ok[/green]: {run_dir / 'audit.jsonl'}: {checked.records} records chained, "
+        f"{checked.files} files match their sha256"
+    )
 
 
 @app.command("check-site")

@@ -15,6 +15,8 @@ One module for both directions so the two can never drift apart:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -160,3 +162,20 @@ def declined(msg: Message) -> tuple[DeclineKind, str] | None:
         return None
     kind: DeclineKind = "abstain" if identity.get("decline-kind") == "abstain" else "invalid-data"
     return kind, str(reason)
+
+
+def content_digest(content: RecordDict) -> tuple[int, str]:
+    """Bytes and sha256 of a message's content in a canonical form (records by name; arrays'
+    raw bytes; metrics and configs as sorted JSON), computed the same way on both sides."""
+    digest, size = hashlib.sha256(), 0
+    for name in sorted(content):
+        record = content[name]
+        digest.update(name.encode())
+        if isinstance(record, ArrayRecord):
+            chunks = [record[k].data for k in record]
+        else:
+            chunks = [json.dumps(dict(record), sort_keys=True, default=str).encode()]
+        for chunk in chunks:
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
