@@ -195,6 +195,10 @@ class SiteFacts:
     fingerprint: str
     rounds_trained: int
     mean_train_seconds: float | None
+    # Contribution over the whole study: optimiser steps, training seconds, MB of updates sent.
+    total_steps: int | None = None
+    total_seconds: float | None = None
+    megabytes_sent: float | None = None
     # Phases the site sat out by its own choice, e.g. "train: evaluation only".
     sat_out: str = ""
 
@@ -364,10 +368,18 @@ def _site_facts(rounds: list[dict[str, Any]], final: dict[str, Any] | None) -> l
             fingerprint=str(fingerprint)[:FINGERPRINT_CHARS],
             rounds_trained=len(trained),
             mean_train_seconds=sum(seconds) / len(seconds) if seconds else None,
+            total_steps=_total(trained, "steps"),
+            total_seconds=sum(seconds) if seconds else None,
+            megabytes_sent=None if (b := _total(trained, "bytes")) is None else b / 1e6,
             sat_out="; ".join(sorted(sat_out.get(name, ()))),
         )
         facts.append(site)
     return facts
+
+
+def _total(entries: list[dict[str, Any]], key: str) -> int | None:
+    values = [v for e in entries if (v := _int(e.get(key))) is not None]
+    return sum(values) if values else None
 
 
 def _facts(

@@ -177,6 +177,9 @@ def _sites(view: RunView) -> Markup:
             _num(s.train_cases),
             _num(s.rounds_trained),
             _num(None if s.mean_train_seconds is None else f"{s.mean_train_seconds:.1f}"),
+            _num(s.total_steps),
+            _num(None if s.total_seconds is None else f"{s.total_seconds:.0f}"),
+            _num(None if s.megabytes_sent is None else f"{s.megabytes_sent:.1f}"),
             Markup(f'<td class="mono">{esc(s.fingerprint or "—")}</td>'),
             s.sat_out or "—",
         ]
@@ -188,6 +191,9 @@ def _sites(view: RunView) -> Markup:
         "training cases",
         "rounds trained",
         "mean local training (s)",
+        "local steps (total)",
+        "training time (s, total)",
+        "updates sent (MB)",
         "dataset fingerprint (short)",
         "sat out (the site's choice)",
     ]
@@ -338,12 +344,24 @@ def markdown_text(view: RunView) -> str:
     """The run report for terminals: facts, final table, failures, cross-site tables, config."""
     lines = [f"# {view.title}", "", *(f"- {k}: {v}" for k, v in view.facts), ""]
     lines += _md_table(
-        ["site", "validation cases", "training cases", "fingerprint", "sat out"],
+        [
+            "site",
+            "validation cases",
+            "training cases",
+            "local steps",
+            "training s",
+            "sent MB",
+            "fingerprint",
+            "sat out",
+        ],
         [
             [
                 s.name,
                 _dash(s.validation_cases),
                 _dash(s.train_cases),
+                _dash(s.total_steps),
+                "—" if s.total_seconds is None else f"{s.total_seconds:.0f}",
+                "—" if s.megabytes_sent is None else f"{s.megabytes_sent:.1f}",
                 s.fingerprint or "—",
                 s.sat_out or "—",
             ]

@@ -32,6 +32,7 @@ from data_adapters.manifest import SiteManifest, load_manifest
 from data_adapters.validate import check_site
 from evaluation.regions import REGION_NAMES
 from fedseg.config import ConfigError, Consent, RunConfig, SiteConfig, derive_seed
+from fedseg.egress import egress_guard
 from fedseg.records import (
     METRICS,
     DeclineKind,
@@ -50,7 +51,8 @@ from fedseg.task.sharing import load_partial, local_state, travelling_state
 from fedseg.task.train import TrainSettings, train_local
 from fedseg.task.validate import SiteValidation, validate_models
 
-app = ClientApp()
+# The egress guard sees every reply last: nothing but weights and aggregate metrics leaves.
+app = ClientApp(mods=[egress_guard])
 
 
 class SiteDeclinedError(Exception):

@@ -56,6 +56,9 @@ class RunConfig:
     trim_fraction: float = 0.2
     # Krum: how many faulty sites to tolerate.
     faulty_sites: int = 0
+    # An update whose norm is over this many times the median of the other sites' is refused
+    # and recorded as that site's failure (0: off).
+    max_update_ratio: float = 10.0
     # Cyclic: the order the model visits the sites in each round, comma-separated site names
     # ("": by site name). A site not named is not visited.
     site_order: str = ""
@@ -103,6 +106,10 @@ class RunConfig:
             self._check_fedbn()
         if self.site_order and self.strategy != "cyclic":
             raise ConfigError(f"site-order is for strategy cyclic, not {self.strategy}")
+        if self.max_update_ratio < 0 or 0 < self.max_update_ratio <= 1:
+            raise ConfigError(
+                f"max-update-ratio must be 0 (off) or > 1, got {self.max_update_ratio}"
+            )
         if self.faulty_sites < 0:
             raise ConfigError(f"faulty-sites must be >= 0, got {self.faulty_sites}")
         if self.proximal_mu < 0:

@@ -159,13 +159,16 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
+    site: SiteConfig | None
     try:
         run = RunConfig.from_flower(context.run_config)
         site = SiteConfig.from_node_config(context.node_config, run)
+        policy = policy_for(run, site)
     except ConfigError:
-        return reply  # the app has declined already, naming nothing; no policy to apply
+        # The app has declined already; with no settings to read, nothing but that may go.
+        site, policy = None, EgressPolicy(weights_size=-1, share_per_case=False)
     kind = msg.metadata.message_type
-    problems = reply_problems(reply.content, kind=kind, policy=policy_for(run, site))
+    problems = reply_problems(reply.content, kind=kind, policy=policy)
     entry: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_id": context.run_id,
@@ -192,7 +195,8 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
     else:
         entry["verdict"] = "sent"
     entry["bytes"], entry["sha256"] = content_digest(reply.content)
-    _append(egress_log_path(site), entry)
+    if site is not None:
+        _append(egress_log_path(site), entry)
     return reply
 
 

@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context
@@ -16,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from data_adapters.sources import sha256_file
 from fedseg import __version__
 from fedseg.artifacts import load_weights, save_weights, write_json
+from fedseg.audit import AuditTrail
 from fedseg.config import RunConfig
 from fedseg.cross_site import run_cross_site
 from fedseg.personalise import run_personalisation
@@ -30,6 +32,7 @@ from fedseg.resume import (
 )
 from fedseg.rounds import RoundPlan, run_rounds
 from fedseg.strategies import MetricsBook, build_strategy
+from fedseg.study_audit import file_entry, round_fields, study_start, weights_hash
 from fedseg.task.model import build_model
 from fedseg.task.sharing import load_partial, normalisation_keys, travelling_state
 
@@ -41,12 +44,16 @@ class RoundWriter:
     restart point, so a crashed study leaves everything up to its last round and can resume."""
 
     def __init__(
-        self, run_dir: Path, book: MetricsBook, run: RunConfig, *, initial: dict[str, str] | None
-    ) -> None:
+        self, run_dir: Path, book: MetricsBook, run: RunConfig, *, initial: dict[str, str] | None,
+        trail: AuditTrail,
+    ) -> None:  # fmt: skip
         self.run_dir = run_dir
         self.book = book
         self.run = run
         self.initial = initial
+        self.trail = trail
+        # sha256 of the global model the next round starts from (the audit's "before").
+        self.previous = ""
         # A strategy with server-side state (FedAdam's moments) saves it with each checkpoint.
         self.strategy: object = None
         # Global vs fine-tuned model per site, after the last round (fedseg.personalise).
@@ -58,10 +65,17 @@ class RoundWriter:
             checkpoint = self.run_dir / "checkpoints" / f"round-{server_round:03d}.pt"
             digest = save_weights(checkpoint, state_dict(arrays, self.run))
             saved = save_strategy_state(self.strategy, checkpoint)
+            files = [file_entry(checkpoint, self.run_dir, digest)]
+            if saved:
+                files.append(file_entry(checkpoint.parent / saved["file"], self.run_dir,
+                                        saved["sha256"]))  # fmt: skip
+            self.audit_round(server_round, arrays, files=files)
             # Written last: it names only a checkpoint and metrics that are complete on disk.
             state = state_payload(run=self.run, last_round=server_round, checkpoint=checkpoint,
                                   sha256=digest, book=self.book, strategy_state=saved)  # fmt: skip
             write_json(self.run_dir / STATE_NAME, state)
+        else:
+            self.audit_round(server_round, arrays, files=[])
         record = self.book.rounds.get(server_round)
         for site, scores in sorted(record.sites.items()) if record else []:
             dice = " ".join(f"{r} {v:.3f}" for r, v in scores.get("dice", {}).items())
@@ -70,6 +84,17 @@ class RoundWriter:
         for failure in record.failures if record else []:
             log(INFO, "fedseg round %d: %s failed in %s: %s", server_round, failure["site"],
                 failure["phase"], failure["reason"])  # fmt: skip
+
+    def audit_round(
+        self, server_round: int, arrays: ArrayRecord, *, files: list[dict[str, str]]
+    ) -> None:
+        """The round's audit record: before the restart point, so every round a study can
+        resume after is in the trail."""
+        after = weights_hash(arrays)
+        record = self.book.round_record(server_round)
+        fields = round_fields(record, run=self.run, before=self.previous, after=after)
+        self.trail.append("round", **fields, files=files)
+        self.previous = after
 
     def payload(self) -> dict[str, object]:
         extra: dict[str, object] = {"initial_model": self.initial} if self.initial else {}
@@ -113,7 +138,22 @@ def run_study(run: RunConfig, run_dir: Path, grid: Grid) -> None:
         )
     size = sum(t.numel() for t in travelling(model, run).values())
     book = MetricsBook(weights_size=size)
-    writer = RoundWriter(run_dir, book, run, initial=initial_model_record(run, run_dir))
+    trail = AuditTrail(run_dir)
+    info = getattr(grid, "run", None)
+    study_start(trail, run=run, run_info=info, run_id=int(getattr(info, "run_id", 0) or 0))
+    writer = RoundWriter(run_dir, book, run, initial=initial_model_record(run, run_dir),
+                         trail=trail)  # fmt: skip
+    try:
+        _run_mode(run, run_dir, grid, model=model, writer=writer)
+    except Exception as err:
+        trail.append("study-failed", reason=f"{type(err).__name__}: {err}")
+        raise
+
+
+def _run_mode(
+    run: RunConfig, run_dir: Path, grid: Grid, *, model: torch.nn.Module, writer: RoundWriter
+) -> None:
+    book = writer.book
     if run.mode == "cross-site":
         # Local models start where the study started: the preset's seeded initialisation.
         start = travelling(build_model(run.model_preset, seed=run.seed), run)
@@ -121,11 +161,13 @@ def run_study(run: RunConfig, run_dir: Path, grid: Grid) -> None:
             grid, run=run, start=pack_weights(start),
             global_model=pack_weights(travelling(model, run)), book=book,
         )  # fmt: skip
-        save_local_models(run_dir, run, cross.local_models)
+        files = save_local_models(run_dir, run, cross.local_models)
         payload = writer.payload()
         payload["final"] = cross.evaluation.to_json()
         payload["cross_site"] = cross.matrix()
         write_json(run_dir / "metrics.json", payload)
+        writer.trail.append("cross-site", models=cross.models,
+                            dice=cross.matrix()["dice"], files=files)  # fmt: skip
         return
     run_training(run, run_dir, grid, model=model, writer=writer)
 
@@ -142,6 +184,7 @@ def run_training(
         model.load_state_dict(point.weights)
         first_round = point.last_round + 1
         log(INFO, "fedseg: resuming the study in %s at round %d", run_dir, first_round)
+    writer.previous = weights_hash(pack_weights(travelling(model, run)))
     last_round = 1 if run.mode == "evaluate" else run.num_server_rounds
     strategy = writer.strategy = build_strategy(run, book=book)
     if run.resume and point.strategy_state:
@@ -161,10 +204,23 @@ def run_training(
         on_round=writer,
     )
     if run.mode == "train":
-        save_final_model(run_dir, run, book, arrays)
+        files = save_final_model(run_dir, run, book, arrays)
         if run.personalise_steps:
             writer.personalisation = run_personalisation(grid, arrays=arrays, run=run, book=book)
+            writer.trail.append("personalisation", **_personal_dice(writer.personalisation))
+        writer.trail.append("study-end", global_model=weights_hash(arrays), files=files)
+    else:
+        writer.trail.append("study-end", global_model=weights_hash(arrays), files=[])
     write_json(run_dir / "metrics.json", writer.payload())
+
+
+def _personal_dice(personalisation: dict[str, Any]) -> dict[str, Any]:
+    sites = {
+        site: {v: entry[v].get("dice") for v in ("global", "personalised")}
+        for site, entry in personalisation["sites"].items()
+    }
+    return {"steps": personalisation["steps"], "sites": sites,
+            "failures": personalisation["failures"]}  # fmt: skip
 
 
 def initial_model_record(run: RunConfig, run_dir: Path) -> dict[str, str] | None:
@@ -196,20 +252,34 @@ def initial_model(run: RunConfig) -> torch.nn.Module:
     return model
 
 
-def save_final_model(run_dir: Path, run: RunConfig, book: MetricsBook, arrays: ArrayRecord) -> None:
-    """Write ``model.pt`` and ``model.json``; refuse when no site ever trained."""
+def save_final_model(
+    run_dir: Path, run: RunConfig, book: MetricsBook, arrays: ArrayRecord
+) -> list[dict[str, str]]:
+    """Write ``model.pt`` and ``model.json``; refuse when no site ever trained. Return the
+    audit's file entries of both."""
     if not any(r.train for r in book.rounds.values()):
         failures = [f for r in book.rounds.values() for f in r.failures]
         reason = failures[0]["reason"] if failures else "no site replied"
         raise RuntimeError(f"no site completed a training round (first failure: {reason})")
-    save_model(run_dir / "model.pt", state_dict(arrays, run), run=run, trained_on="federation")
+    path = run_dir / "model.pt"
+    save_model(path, state_dict(arrays, run), run=run, trained_on="federation")
+    return [_file(path, run_dir), _file(path.with_suffix(".json"), run_dir)]
 
 
-def save_local_models(run_dir: Path, run: RunConfig, models: dict[str, ArrayRecord]) -> None:
+def _file(path: Path, run_dir: Path) -> dict[str, str]:
+    return file_entry(path, run_dir, sha256_file(path))
+
+
+def save_local_models(
+    run_dir: Path, run: RunConfig, models: dict[str, ArrayRecord]
+) -> list[dict[str, str]]:
     """Each site's own model from cross-site validation, as ``local-models/<site>.pt``."""
+    files = []
     for site, arrays in models.items():
-        save_model(run_dir / "local-models" / f"{site}.pt", state_dict(arrays, run), run=run,
-                   trained_on=site)  # fmt: skip
+        path = run_dir / "local-models" / f"{site}.pt"
+        save_model(path, state_dict(arrays, run), run=run, trained_on=site)
+        files.append(_file(path, run_dir))
+    return files
 
 
 def travelling(model: torch.nn.Module, run: RunConfig) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (
 
 from evaluation.regions import REGION_NAMES
 from fedseg.config import RunConfig
-from fedseg.records import METRICS, declined, site_entry, update_problem
+from fedseg.records import METRICS, WEIGHTS, content_digest, declined, site_entry, update_problem
 
 
 @dataclass
@@ -41,6 +41,9 @@ class RoundRecord:
     abstained: list[dict[str, str]] = field(default_factory=list)
     # Why the global model was not updated this round ("" when it was).
     not_aggregated: str = ""
+    # What each site's replies held, by size and sha256 (fedseg.records.content_digest): the
+    # audit trail's side of the comparison with each site's egress log. Not in metrics.json.
+    received: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def reported(self) -> list[dict[str, Any]]:
         """Sites that sent scores (not withheld for too few cases)."""
@@ -116,6 +119,10 @@ class MetricsBook:
                 reason = str(msg.error.reason)
                 record.failures.append({"site": site, "phase": phase, "reason": reason})
                 continue
+            size, sha256 = content_digest(msg.content)
+            record.received.setdefault(site, []).append(
+                {"phase": phase, "bytes": size, "sha256": sha256}
+            )
             no = declined(msg)
             if no is not None:
                 kind, reason = no
@@ -131,7 +138,7 @@ class MetricsBook:
         the good replies by node id."""
         record = self.round_record(server_round)
         trained: dict[int, ArrayRecord] = {}
-        for msg, site, _ in self.successes(record, replies, "train"):
+        for msg, site, identity in self.successes(record, replies, "train"):
             m, arrays = msg.content["metrics"], msg.content["arrays"]
             assert isinstance(m, MetricRecord) and isinstance(arrays, ArrayRecord)
             problem = update_problem(arrays, size=self.weights_size) if self.weights_size else None
@@ -139,6 +146,8 @@ class MetricsBook:
                 record.failures.append({"site": site, "phase": "train", "reason": problem})
                 continue
             record.train[site] = {
+                "fingerprint": str(identity["fingerprint"]),
+                "bytes": record.received[site][-1]["bytes"],
                 "n_cases": int(m["num-examples"]),  # type: ignore[arg-type]
                 "loss": float(m["train-loss"]),  # type: ignore[arg-type]
                 "steps": int(m["local-steps"]),  # type: ignore[arg-type]
@@ -146,6 +155,35 @@ class MetricsBook:
             }
             trained[msg.metadata.src_node_id] = arrays
         return trained
+
+    def screen_outliers(
+        self, server_round: int, trained: dict[int, ArrayRecord], *, reference: ArrayRecord,
+        max_ratio: float,
+    ) -> dict[int, ArrayRecord]:  # fmt: skip
+        """Drop updates whose norm (distance from ``reference``, the round's global model) is
+        over ``max_ratio`` times the median of the other sites' (0: keep all).
+
+        A site with a broken or poisoned update (scaled, exploded) is recorded as a failure
+        rather than averaged in; scale-free, so it works from round 1 to the last.
+        """
+        if max_ratio <= 0 or len(trained) < 2:
+            return trained
+        start = reference[WEIGHTS].numpy()
+        norms = {n: float(np.linalg.norm(a[WEIGHTS].numpy() - start)) for n, a in trained.items()}
+        record = self.round_record(server_round)
+        kept = {}
+        for node, arrays in trained.items():
+            others = float(np.median([v for k, v in norms.items() if k != node]))
+            if others > 0 and norms[node] > max_ratio * others:
+                site = self.node_sites.get(node, f"node-{node}")
+                reason = (f"update norm {norms[node]:.3g} is {norms[node] / others:.0f}x the "
+                          f"median of the other sites' ({others:.3g}; max-update-ratio "
+                          f"{max_ratio:g}): not averaged in")  # fmt: skip
+                record.failures.append({"site": site, "phase": "train", "reason": reason})
+                record.train.pop(site, None)
+                continue
+            kept[node] = arrays
+        return kept
 
     def record_evaluate(self, server_round: int, replies: list[Message]) -> None:
         """Note each site's validation summary on its own held-out cases, or its failure.
@@ -180,12 +218,25 @@ class _Recording:
     """Mixin: record replies per site, then aggregate exactly as the Flower strategy does."""
 
     book: MetricsBook
+    # Updates this many times the median norm of the others are refused (0: off).
+    max_update_ratio: float = 0.0
+    # The global model the round's training started from (configure_train's).
+    _start: ArrayRecord | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
+    ) -> Iterable[Message]:
+        self._start = arrays
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc, no-any-return]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         trained = self.book.record_train(server_round, replies)
+        if self._start is not None:
+            trained = self.book.screen_outliers(server_round, trained, reference=self._start,
+                                                max_ratio=self.max_update_ratio)  # fmt: skip
         required = int(getattr(self, "min_train_nodes", 1))
         if replies and len(trained) < required:
             # Averaging fewer sites than the study requires would let one hospital's update
@@ -325,6 +376,7 @@ def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
         raise ValueError(f"strategy '{run.strategy}' has no implementation")
     strategy = REGISTRY[run.strategy](**common, **_options(run)[run.strategy])  # type: ignore[call-arg]
     strategy.book = book
+    strategy.max_update_ratio = run.max_update_ratio
     if isinstance(strategy, RecordingCyclic):
         strategy.order = run.site_sequence
     assert isinstance(strategy, Strategy)

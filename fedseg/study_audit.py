@@ -45,7 +45,9 @@ def study_start(trail: AuditTrail, *, run: RunConfig, run_info: object, run_id: 
     trail.append(
         "study-resumed" if run.resume else "study-start",
         run_id=run_id,
-        submitted_by=str(getattr(run_info, "flwr_aid", "") or getattr(run_info, "account_name", "")),
+        submitted_by=str(
+            getattr(run_info, "flwr_aid", "") or getattr(run_info, "account_name", "")
+        ),
         app_bundle={
             "fab_id": str(getattr(run_info, "fab_id", "")),
             "fab_version": str(getattr(run_info, "fab_version", "")),
@@ -57,21 +59,26 @@ def study_start(trail: AuditTrail, *, run: RunConfig, run_info: object, run_id: 
     )
 
 
-def round_fields(
-    record: RoundRecord, *, run: RunConfig, before: str, after: str
-) -> dict[str, Any]:
+def round_fields(record: RoundRecord, *, run: RunConfig, before: str, after: str) -> dict[str, Any]:
     """One round: who trained (fingerprint, cases, steps, seconds, what each sent), the
     aggregation weights, the global model's hash before and after, validation and failures."""
     total = sum(t["n_cases"] for t in record.train.values())
-    trained = {}
+    trained: dict[str, dict[str, Any]] = {}
     for site, entry in record.train.items():
-        trained[site] = {k: entry[k] for k in ("fingerprint", "n_cases", "steps", "seconds", "loss")
-                         if k in entry}
+        trained[site] = {
+            k: entry[k]
+            for k in ("fingerprint", "n_cases", "steps", "seconds", "loss")
+            if k in entry
+        }
         if run.strategy in CASE_WEIGHTED and total:
             trained[site]["weight"] = entry["n_cases"] / total
     validated = {
-        site: {"fingerprint": e["fingerprint"], "n_cases": e["n_cases"],
-               "dice": e.get("dice"), "withheld": bool(e.get("withheld"))}
+        site: {
+            "fingerprint": e["fingerprint"],
+            "n_cases": e["n_cases"],
+            "dice": e.get("dice"),
+            "withheld": bool(e.get("withheld")),
+        }
         for site, e in record.sites.items()
     }
     return {

@@ -101,6 +101,10 @@ def read_client_settings(path: Path) -> ClientSettings:
     if "data-path" not in flat:
         raise ConfigError(f"{path}: [site] data-path is missing (the site's canonical folder)")
     flat["data-path"] = str(_path(flat["data-path"], base))
+    work_dir = _path(connection.get("work-dir", ".fedseg-client"), base)
+    # What the egress guard logged leaving this site: with the client's other logs.
+    flat["egress-log"] = str(_path(flat.get("egress-log", work_dir / "logs" / "egress.jsonl"),
+                                   base))  # fmt: skip
     site = SiteConfig.from_mapping(flat, source=str(path))
     if "superlink" not in connection:
         raise ConfigError(f"{path}: [connection] superlink is missing (host:port)")
@@ -124,7 +128,7 @@ def read_client_settings(path: Path) -> ClientSettings:
         auth_private_key=None if insecure else _path(certificates["auth-private-key"], base),
         runtime_port=_port(connection.get("runtime-port", 9094), path),
         executor=executor,
-        work_dir=_path(connection.get("work-dir", ".fedseg-client"), base),
+        work_dir=work_dir,
     )
 
 

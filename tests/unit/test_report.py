@@ -50,7 +50,10 @@ def _metrics() -> dict[str, Any]:
                 "round": r,
                 "sites": {name: _site(r, n) for name, n in SITES},
                 "pooled": pooled,
-                "train": {name: {"n_cases": 9, "seconds": 2.0} for name, _ in SITES},
+                "train": {
+                    name: {"n_cases": 9, "seconds": 2.0, "steps": 40, "bytes": 600_000}
+                    for name, _ in SITES
+                },
                 "failures": failures,
             }
         )
@@ -175,7 +178,19 @@ def test_html_lists_every_site_and_pooled_with_their_numbers(
     assert final[0] == ["hospital-a", "3", "0.800", "0.600", "0.400"]
     assert final[2] == ["pooled", "4", "0.800", "0.600", "0.400"]
     assert final[4] == ["hospital-b", "1", "4.5", "4.0", "3.5"]
-    assert page.row("hospital-b") == ["hospital-b", "1", "9", "2", "2.0", "ffffffffffff", "—"]
+    # Contribution: 2 rounds x 40 steps, 2 x 2.0 s, 2 x 0.6 MB of updates.
+    assert page.row("hospital-b") == [
+        "hospital-b",
+        "1",
+        "9",
+        "2",
+        "2.0",
+        "80",
+        "4",
+        "1.2",
+        "ffffffffffff",
+        "—",
+    ]
     facts = " ".join(page.text)
     assert "fedavg" in facts and "2 recorded" in facts and "ffffffffffff" in facts
     assert page.row("strategy") == ["strategy", '"fedavg"']  # the configuration table

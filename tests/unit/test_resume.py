@@ -37,6 +37,7 @@ class _Sites:
         self.crash_in_round, self.nodes = crash_in_round, SITES if nodes is None else nodes
         self.rounds_sent: list[int] = []
         self.replies: list[Message] = []
+        self.all_replies: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -53,6 +54,7 @@ class _Sites:
                 self.rounds_sent.append(server_round)
             msg.metadata.__dict__["_message_id"] = msg.object_id
             self.replies.append(self._reply(msg, server_round))
+        self.all_replies += self.replies
         return [r.metadata.reply_to_message_id for r in self.replies]
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:

@@ -51,7 +51,12 @@ def test_site_toml_resolves_paths_and_flattens_the_node_config(tmp_path: Path) -
     assert settings.site.data_path == tmp_path / "data"
     assert settings.root_certificates == tmp_path / "ca.crt"
     assert settings.auth_private_key == Path("/keys/a.key")
-    assert settings.node_config == {"data-path": str(tmp_path / "data"), "share-per-case": True}
+    assert settings.node_config == {
+        "data-path": str(tmp_path / "data"),
+        "share-per-case": True,
+        # The egress guard's log sits with the client's other logs unless [site] names one.
+        "egress-log": str(tmp_path / ".fedseg-client" / "logs" / "egress.jsonl"),
+    }
     assert settings.site.consent.share_per_case and settings.executor == "fedseg"
 
 
