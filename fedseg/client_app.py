@@ -33,6 +33,7 @@ from data_adapters.validate import check_site
 from evaluation.regions import REGION_NAMES
 from fedseg.config import ConfigError, Consent, RunConfig, SiteConfig, derive_seed
 from fedseg.egress import egress_guard
+from fedseg.privacy import clipping_mod
 from fedseg.records import (
     METRICS,
     DeclineKind,
@@ -52,7 +53,8 @@ from fedseg.task.train import TrainSettings, train_local
 from fedseg.task.validate import SiteValidation, validate_models
 
 # The egress guard sees every reply last: nothing but weights and aggregate metrics leaves.
-app = ClientApp(mods=[egress_guard])
+# Mods run outermost first: the reply is clipped (under DP), then checked, then sent.
+app = ClientApp(mods=[egress_guard, clipping_mod])
 
 
 class SiteDeclinedError(Exception):

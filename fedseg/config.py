@@ -20,6 +20,8 @@ STRATEGIES = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "fedbn",
     "cyclic",
 )  # fmt: skip
+# The strategies DP can wrap: their aggregate is a mean of the sites' updates.
+DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn")
 # A site's compute device: auto (a CUDA GPU when torch sees one), cpu, cuda, cuda:N.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MODES = ("train", "evaluate", "cross-site")
@@ -59,6 +61,11 @@ class RunConfig:
     # An update whose norm is over this many times the median of the other sites' is refused
     # and recorded as that site's failure (0: off).
     max_update_ratio: float = 10.0
+    # User-level differential privacy (fedseg.privacy): Gaussian noise multiplier (0: off),
+    # the L2 norm each site clips its update to, and the delta epsilon is reported at.
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
     # Cyclic: the order the model visits the sites in each round, comma-separated site names
     # ("": by site name). A site not named is not visited.
     site_order: str = ""
@@ -104,6 +111,8 @@ class RunConfig:
             raise ConfigError(f"personalise-steps must be >= 0, got {self.personalise_steps}")
         if self.strategy == "fedbn":
             self._check_fedbn()
+        if self.private:
+            self._check_dp()
         if self.site_order and self.strategy != "cyclic":
             raise ConfigError(f"site-order is for strategy cyclic, not {self.strategy}")
         if self.max_update_ratio < 0 or 0 < self.max_update_ratio <= 1:
@@ -140,6 +149,22 @@ class RunConfig:
                 "a fedbn study cannot resume: each site's normalisation was kept in the "
                 "interrupted run's site state"
             )
+
+    def _check_dp(self) -> None:
+        if self.strategy not in DP_STRATEGIES:
+            raise ConfigError(
+                f"differential privacy needs a mean of the updates; strategy {self.strategy} is "
+                f"not one (use one of {DP_STRATEGIES})"
+            )
+        if self.dp_noise_multiplier < 0 or self.dp_clipping_norm <= 0:
+            raise ConfigError("dp-noise-multiplier must be >= 0 and dp-clipping-norm > 0")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
+
+    @property
+    def private(self) -> bool:
+        """Differential privacy is on (a positive noise multiplier)."""
+        return self.dp_noise_multiplier > 0
 
     @property
     def keeps_norm_local(self) -> bool:

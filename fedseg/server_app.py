@@ -189,6 +189,10 @@ def run_training(
     strategy = writer.strategy = build_strategy(run, book=book)
     if run.resume and point.strategy_state:
         load_strategy_state(strategy, point.strategy_state)
+    privacy = getattr(strategy, "privacy", None)
+    if run.resume and privacy is not None:
+        # Every release so far spent privacy: the resumed accountant starts where it stood.
+        privacy.compose(sum(1 for r in book.rounds.values() if r.privacy))
     arrays = run_rounds(
         strategy,
         grid,

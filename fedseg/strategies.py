@@ -23,9 +23,11 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from evaluation.regions import REGION_NAMES
 from fedseg.config import RunConfig
+from fedseg.privacy import DpSettings, PrivateRelease
 from fedseg.records import METRICS, WEIGHTS, content_digest, declined, site_entry, update_problem
 
 
@@ -44,6 +46,8 @@ class RoundRecord:
     # What each site's replies held, by size and sha256 (fedseg.records.content_digest): the
     # audit trail's side of the comparison with each site's egress log. Not in metrics.json.
     received: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Differential privacy spent after this round's release (fedseg.privacy); {} without DP.
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     def reported(self) -> list[dict[str, Any]]:
         """Sites that sent scores (not withheld for too few cases)."""
@@ -74,6 +78,8 @@ class RoundRecord:
         }
         if self.not_aggregated:
             out["not_aggregated"] = self.not_aggregated
+        if self.privacy:
+            out["privacy"] = self.privacy
         return out
 
     @classmethod
@@ -86,6 +92,7 @@ class RoundRecord:
             failures=list(data["failures"]),
             abstained=list(data.get("abstained", [])),
             not_aggregated=str(data.get("not_aggregated", "")),
+            privacy=dict(data.get("privacy", {})),
         )
 
 
@@ -185,6 +192,24 @@ class MetricsBook:
             kept[node] = arrays
         return kept
 
+    def screen_steps(
+        self, server_round: int, trained: dict[int, ArrayRecord], *, steps: int
+    ) -> dict[int, ArrayRecord]:
+        """Under DP every site weighs the same (its ``local-steps``): refuse one claiming
+        other work, which would weigh it more than the noise is calibrated for."""
+        record = self.round_record(server_round)
+        kept = {}
+        for node, arrays in trained.items():
+            site = self.node_sites.get(node, f"node-{node}")
+            claimed = record.train.get(site, {}).get("steps")
+            if claimed != steps:
+                reason = f"reported {claimed} local steps, the study asked {steps}: not averaged in"
+                record.failures.append({"site": site, "phase": "train", "reason": reason})
+                record.train.pop(site, None)
+                continue
+            kept[node] = arrays
+        return kept
+
     def record_evaluate(self, server_round: int, replies: list[Message]) -> None:
         """Note each site's validation summary on its own held-out cases, or its failure.
 
@@ -223,10 +248,17 @@ class _Recording:
     # The global model the round's training started from (configure_train's).
     _start: ArrayRecord | None = None
 
+    # Differential privacy (fedseg.privacy): clipping asked of the sites, noise on the mean.
+    privacy: PrivateRelease | None = None
+    # With DP every site weighs the same; an update claiming other work is refused.
+    expected_steps: int = 0
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
     ) -> Iterable[Message]:
         self._start = arrays
+        if self.privacy is not None:
+            config[KEY_CLIPPING_NORM] = self.privacy.settings.clipping_norm
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc, no-any-return]
 
     def aggregate_train(
@@ -237,6 +269,8 @@ class _Recording:
         if self._start is not None:
             trained = self.book.screen_outliers(server_round, trained, reference=self._start,
                                                 max_ratio=self.max_update_ratio)  # fmt: skip
+        if self.privacy is not None:
+            trained = self.book.screen_steps(server_round, trained, steps=self.expected_steps)
         required = int(getattr(self, "min_train_nodes", 1))
         if replies and len(trained) < required:
             # Averaging fewer sites than the study requires would let one hospital's update
@@ -252,8 +286,11 @@ class _Recording:
             return None, metrics
         # The model is float32 everywhere; Flower's FedOpt family computes in float64, which
         # would double what travels and make a resumed study differ from an uninterrupted one.
-        as32 = {k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()}
-        return ArrayRecord(as32), metrics
+        as32 = ArrayRecord({k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()})
+        if self.privacy is not None:
+            as32 = self.privacy.release(as32)
+            self.book.rounds[server_round].privacy = self.privacy.spent()
+        return as32, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -370,13 +407,19 @@ def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
         "min_train_nodes": run.min_train_sites,
         "min_evaluate_nodes": run.min_train_sites,
         "min_available_nodes": run.available_sites,
-        "weighted_by_key": "num-examples",
+        # FedAvg weights sites by cases (Rieke et al., Alg. 1); DP's noise assumes equal weights.
+        "weighted_by_key": "local-steps" if run.private else "num-examples",
     }
     if run.strategy not in REGISTRY:  # RunConfig validates the name; this guards a drift
         raise ValueError(f"strategy '{run.strategy}' has no implementation")
     strategy = REGISTRY[run.strategy](**common, **_options(run)[run.strategy])  # type: ignore[call-arg]
     strategy.book = book
     strategy.max_update_ratio = run.max_update_ratio
+    if run.private:
+        strategy.privacy = PrivateRelease(DpSettings(
+            noise_multiplier=run.dp_noise_multiplier, clipping_norm=run.dp_clipping_norm,
+            delta=run.dp_delta, min_sites=run.min_train_sites))  # fmt: skip
+        strategy.expected_steps = run.local_steps
     if isinstance(strategy, RecordingCyclic):
         strategy.order = run.site_sequence
     assert isinstance(strategy, Strategy)

@@ -95,4 +95,5 @@ def round_fields(record: RoundRecord, *, run: RunConfig, before: str, after: str
         "failures": record.failures,
         "abstained": record.abstained,
         "not_aggregated": record.not_aggregated or None,
+        "privacy": record.privacy or None,
     }

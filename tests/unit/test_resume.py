@@ -38,6 +38,7 @@ class _Sites:
         self.rounds_sent: list[int] = []
         self.replies: list[Message] = []
         self.all_replies: list[Message] = []
+        self.train_configs: list[ConfigRecord] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -52,6 +53,7 @@ class _Sites:
                 if server_round == self.crash_in_round:
                     raise KeyboardInterrupt("the coordinator's machine went down")
                 self.rounds_sent.append(server_round)
+                self.train_configs.append(config)
             msg.metadata.__dict__["_message_id"] = msg.object_id
             self.replies.append(self._reply(msg, server_round))
         self.all_replies += self.replies
