@@ -382,6 +382,11 @@ def _total(entries: list[dict[str, Any]], key: str) -> int | None:
     return sum(values) if values else None
 
 
+def _fmt(value: Any, spec: str) -> str:
+    number = _num(value)
+    return "?" if number is None else format(number, spec)
+
+
 def _facts(
     metrics: dict[str, Any], sites: list[SiteFacts], extra: dict[str, str] | None
 ) -> list[tuple[str, str]]:
@@ -399,6 +404,18 @@ def _facts(
         ("rounds", f"{len(rounds)} recorded of {planned} planned, {validated} with validation"),
         ("sites", f"{len(sites)}: " + ", ".join(s.name for s in sites)),
     ]
+    spent = [r["privacy"] for r in rounds if isinstance(r.get("privacy"), dict)]
+    if spent:
+        last = spent[-1]
+        facts.append((
+            "differential privacy",
+            f"epsilon {_fmt(last.get('epsilon'), '.2f')} at delta {last.get('delta', '?')} after "
+            f"{last.get('releases', '?')} releases (noise multiplier "
+            f"{last.get('noise_multiplier', '?')}, clipping norm {last.get('clipping_norm', '?')}; "
+            "user-level: one user is one site)",
+        ))  # fmt: skip
+    if metrics.get("audit"):
+        facts.append(("audit trail", str(metrics["audit"])))
     for key, seconds in (metrics.get("timings") or {}).items():
         value = _num(seconds)
         facts.append((f"time {key.removesuffix('_s')}", "?" if value is None else f"{value:.0f} s"))
@@ -429,9 +446,14 @@ class ReportFiles:
     figures: list[Path]
 
 
-def report_run(run_dir: Path, *, out: Path | None = None, title: str | None = None) -> ReportFiles:
-    """Write the report of the run in ``run_dir`` (its ``metrics.json``) into ``out``."""
+def report_run(
+    run_dir: Path, *, out: Path | None = None, title: str | None = None, audit: str | None = None
+) -> ReportFiles:
+    """Write the report of the run in ``run_dir`` (its ``metrics.json``) into ``out``;
+    ``audit`` is what checking its audit trail found, shown among the facts."""
     metrics = load_metrics(run_dir)
+    if audit:
+        metrics["audit"] = audit
     folder = run_dir.parent if run_dir.suffix == ".json" else run_dir
     return write_report(metrics, out or folder, title=title or f"fedseg run: {folder.name}")
 

@@ -137,3 +137,15 @@ def verify_run(run_dir: Path) -> Verified:
             )
         files += 1
     return Verified(records=len(records), files=files)
+
+
+def audit_summary(run_dir: Path) -> str | None:
+    """What :func:`verify_run` says of a run folder, in a line for its report (``None``: the
+    folder has no trail)."""
+    if not (run_dir / AUDIT_NAME).is_file():
+        return None
+    try:
+        checked = verify_run(run_dir)
+    except ValueError as err:
+        return f"FAILS verification: {err}"
+    return f"{checked.records} records chained, {checked.files} files match their sha256"

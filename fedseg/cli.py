@@ -376,9 +376,10 @@ def report(
         console.print(f"[green]done[/green]: {path} (stays at the site)", highlight=False)
         return
     from evaluation.report import report_run
+    from fedseg.audit import audit_summary
 
     assert run_dir is not None  # for mypy: checked above
-    files = report_run(run_dir, out=out)
+    files = report_run(run_dir, out=out, audit=audit_summary(run_dir))
     console.print(f"[green]done[/green]: {files.html}, {files.markdown}", highlight=False)
 
 
@@ -495,6 +496,7 @@ def study(
     a crash or restart, --resume RUN_DIR continues from the last completed round.
     """
     from evaluation.report import report_run
+    from fedseg.audit import audit_summary
     from fedseg.deploy.coordinator import StudyRequest, study_config, submit_study
 
     overrides = _overrides(set_ or [])
@@ -507,7 +509,7 @@ def study(
     # Appended: a resumed study's log follows the interrupted one's (the audit trail).
     with _flower_log(folder / "flower" / "study.log", append=True) as on_log:
         submit_study(run, folder, connection=connection, on_line=on_log, env=os.environ)
-    files = report_run(folder)
+    files = report_run(folder, audit=audit_summary(folder))
     metrics = json.loads((folder / "metrics.json").read_text())
     _print_final(metrics)
     console.print(f"[green]done[/green]: {files.html}, {folder / 'model.pt'}", highlight=False)

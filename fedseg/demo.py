@@ -1,7 +1,8 @@
 """The main job on the embedded default: generate, harmonise, train federated, validate, report.
 
 Every stage leaves a file artefact the next one reads (nnU-Net's lesson), so a failed demo can
-be inspected stage by stage: ``raw/`` -> ``sites/`` -> ``run/`` -> ``report.md``.
+be inspected stage by stage: ``raw/`` -> ``sites/`` -> ``run/`` -> ``report.md``. The run's
+audit trail (``run/audit.jsonl``) is verified before the report is written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from data_adapters.site import harmonise_site
 from evaluation.report import load_metrics, write_report
 from fedseg.artifacts import write_json
+from fedseg.audit import audit_summary
 from fedseg.config import RunConfig
 from fedseg.simulation import SimulationSpec, app_dir, run_simulation
 from fedseg.synth import generate_federation
@@ -107,6 +109,11 @@ def finish_report(
 ) -> dict[str, Any]:
     """Copy the run's artefacts to the top of ``out`` and write the plots and reports."""
     metrics = load_metrics(run_dir)
+    audit = audit_summary(run_dir)
+    if audit and audit.startswith("FAILS"):
+        raise RuntimeError(f"{run_dir}: the demo's own audit trail {audit}")
+    if audit:
+        metrics["audit"] = f"{audit} (fedseg audit verify {run_dir})"
     metrics["timings"] = {k: round(v, 1) for k, v in timings.items()}
     metrics["skipped_cases"] = skipped
     write_json(out / "metrics.json", metrics)

@@ -358,3 +358,20 @@ def test_personalisation_table_shows_global_personalised_and_change(tmp_path: Pa
     html = files.html.read_text()
     assert 'id="personalised"' in html and "0.400 → 0.800 (+0.400)" in html
     assert 'id="personalised"' not in markdown_report(_metrics(), title="t")
+
+
+def test_privacy_spent_and_the_audit_are_among_the_facts() -> None:
+    metrics = _metrics()
+    for i, r in enumerate(metrics["rounds"], start=1):
+        r["privacy"] = {
+            "epsilon": 3.5 * i,
+            "delta": 1e-5,
+            "releases": i,
+            "noise_multiplier": 1.0,
+            "clipping_norm": 0.5,
+        }
+    metrics["audit"] = "5 records chained, 3 files match their sha256"
+    text = markdown_report(metrics, title="t")
+    assert "differential privacy: epsilon 7.00 at delta 1e-05 after 2 releases" in text
+    assert "audit trail: 5 records chained" in text
+    assert "differential privacy" not in markdown_report(_metrics(), title="t")
