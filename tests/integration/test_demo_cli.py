@@ -46,5 +46,18 @@ def test_demo_two_sites_one_round_produces_per_site_metrics(tmp_path: Path) -> N
     for name in ("model.pt", "report.md", "learning_curves.png"):
         assert (out / name).is_file(), name
     assert (out / "run" / "checkpoints" / "round-001.pt").is_file()
+    # The study's audit trail holds, and each site logged what it sent.
+    verified = subprocess.run(
+        [sys.executable, "-m", "fedseg", "audit", "verify", str(out / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert "records chained" in verified.stderr
+    assert "audit trail" in (out / "report.md").read_text()
+    for site in manifests:
+        assert (out / "sites" / site / "egress.jsonl").is_file()
     # Everything Flower started is gone.
     assert flower_processes() <= before
