@@ -1,6 +1,7 @@
 """fedseg's benchmarks behind one entry point: ``python -m evaluation.benchmark NAME [...]``.
 
-NAME is ``heterogeneity`` (strategies vs pooled and local-only training), ``deployment``
+NAME is ``heterogeneity`` (strategies vs pooled and local-only training), ``privacy`` (Dice
+against epsilon under user-level differential privacy), ``deployment``
 (round overhead on Flower's deployment engine), ``harmonise`` or ``metrics``; the options
 after it are that benchmark's own (``--help``).
 """
@@ -11,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("heterogeneity", "deployment", "harmonise", "metrics")
+BENCHMARKS = ("heterogeneity", "privacy", "deployment", "harmonise", "metrics")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -90,4 +90,4 @@ def test_benchmark_entry_point_names_the_benchmarks(capsys: pytest.CaptureFixtur
     from evaluation.benchmark import main
 
     assert main(["no-such-benchmark"]) == 2
-    assert "heterogeneity, deployment, harmonise, metrics" in capsys.readouterr().err
+    assert "heterogeneity, privacy, deployment, harmonise, metrics" in capsys.readouterr().err
