@@ -30,11 +30,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import torch
 
 from data_adapters.manifest import SiteManifest
 from data_adapters.site import harmonise_site
 from data_adapters.validate import check_site
+from evaluation.plots import save_figure
 from evaluation.regions import REGION_NAMES
 from fedseg.artifacts import write_json
 from fedseg.config import RunConfig
@@ -145,6 +147,17 @@ def study_config(plan: BenchmarkPlan, *, seed: int) -> RunConfig:
     )
 
 
+def simulate_study(run: RunConfig, sites: list[Path], *, work: Path) -> dict[str, Any]:
+    """``run`` on Flower's simulation engine over ``sites``; its ``metrics.json``."""
+    run_dir = work / "run"
+    run = replace(run, run_dir=str(run_dir.resolve()), sim_sites_dir=str(sites[0].parent.resolve()))
+    spec = SimulationSpec(
+        app_dir=app_dir(), run=run, num_supernodes=len(sites), work_dir=work / "flower"
+    )
+    run_simulation(spec, on_line=lambda _: None)
+    return dict(json.loads((run_dir / "metrics.json").read_text()))
+
+
 def run_federated(
     method: str, sites: list[Path], plan: BenchmarkPlan, *, seed: int, work: Path
 ) -> Scores:
@@ -152,18 +165,7 @@ def run_federated(
     overrides = METHODS.get(method, {"strategy": method})
     if method == "fedavg":
         overrides = {**overrides, "personalise_steps": plan.personalise_steps}
-    run_dir = work / "run"
-    run = replace(
-        study_config(plan, seed=seed),
-        **overrides,
-        run_dir=str(run_dir.resolve()),
-        sim_sites_dir=str(sites[0].parent.resolve()),
-    )
-    spec = SimulationSpec(
-        app_dir=app_dir(), run=run, num_supernodes=len(sites), work_dir=work / "flower"
-    )
-    run_simulation(spec, on_line=lambda _: None)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = simulate_study(replace(study_config(plan, seed=seed), **overrides), sites, work=work)
     final = metrics["final"]["sites"]
     scores = {method: {s: dict(entry["dice"]) for s, entry in final.items()}}
     personal = metrics.get("personalisation", {}).get("sites", {})
@@ -288,10 +290,6 @@ def table(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], out: Path) -> Path:
     """Grouped bars: mean Dice per site (and over all sites), one bar per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     sites = [s for s in next(iter(results.values())) if s != POOL] + [POOL]
     fig, ax = plt.subplots(figsize=(1.6 * len(sites) + 3, 4))
@@ -314,11 +312,7 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     )
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncols=4, loc="lower left")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def run_benchmark(

@@ -16,7 +16,6 @@ benchmark measures how much, rather than assuming it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -24,15 +23,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
+
 from evaluation.benchmark_heterogeneity import (
     BenchmarkPlan,
     benchmark_plan,
     prepare_federation,
+    simulate_study,
     study_config,
 )
+from evaluation.plots import save_figure
 from evaluation.regions import REGION_NAMES
 from fedseg.artifacts import write_json
-from fedseg.simulation import SimulationSpec, app_dir, run_simulation
 
 QUICK_NOISE = (0.0, 0.05, 0.5)
 FULL_NOISE = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -43,19 +45,12 @@ def run_private(
 ) -> dict[str, Any]:
     """One FedAvg study with DP at ``noise`` (0: plain FedAvg, the reference); its epsilon
     and Dice."""
-    run_dir = work / "run"
     run = replace(
         study_config(plan, seed=plan.seeds[0]),
         dp_noise_multiplier=noise,
         dp_clipping_norm=clipping_norm,
-        run_dir=str(run_dir.resolve()),
-        sim_sites_dir=str(sites[0].parent.resolve()),
     )
-    spec = SimulationSpec(
-        app_dir=app_dir(), run=run, num_supernodes=len(sites), work_dir=work / "flower"
-    )
-    run_simulation(spec, on_line=lambda _: None)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = simulate_study(run, sites, work=work)
     final = metrics["final"]
     spent = metrics["rounds"][-1].get("privacy", {})
     return {
@@ -80,10 +75,6 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     """Pooled mean Dice against epsilon (log scale); the run without DP as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     noisy = [r for r in rows if r["epsilon"] is not None]
@@ -101,10 +92,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     )
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

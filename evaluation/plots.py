@@ -104,7 +104,7 @@ def plot_learning_curves(metrics: dict[str, Any], out: Path, *, metric: str = "d
     axes[0].set_ylabel(label)
     if rounds:
         axes[-1].legend(loc="lower right" if metric == "dice" else "upper right", fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def _plot_series(
@@ -158,7 +158,7 @@ def plot_final_bars(
         ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncols=len(REGION_NAMES), loc="lower left")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_cross_site(
@@ -194,10 +194,11 @@ def plot_cross_site(
     ax.set_xticks(range(len(sites)), sites, rotation=30, ha="right")
     ax.set_yticks(range(len(models)), models)
     ax.set(xlabel="evaluated at site", ylabel="model trained on", title=title)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _save(fig: Figure, out: Path) -> Path:
+def save_figure(fig: Figure, out: Path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; return ``out``."""
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)
