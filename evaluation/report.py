@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,10 @@ class RunView:
     config: dict[str, Any]
     cross_site: CrossSite | None
     personalisation: Personalisation | None = None
+    # Leave-one-site-out: (site, the others' Dice with it, without it, the difference).
+    contributions: list[tuple[str, float | None, float | None, float | None]] = field(
+        default_factory=list
+    )
 
     def failure_counts(self) -> tuple[list[int], list[str], dict[tuple[str, int], str]]:
         """Rounds with failures, failing sites, and ``(site, round) -> "1 train, 1 evaluate"``."""
@@ -315,6 +319,10 @@ def build_view(
         config=dict(metrics.get("config") or {}),
         cross_site=_cross_site(metrics.get("cross_site")),
         personalisation=_personalisation(metrics.get("personalisation")),
+        contributions=[
+            (site, _num(e.get("dice_with")), _num(e.get("dice_without")), _num(e.get("effect")))
+            for site, e in sorted(((metrics.get("contributions") or {}).get("sites") or {}).items())
+        ],
     )
 
 

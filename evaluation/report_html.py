@@ -159,6 +159,21 @@ def html_report(view: RunView, figures: Figures) -> str:
         sections.append(("cross-site", "Cross-site evaluation", _cross_site(figures)))
     if view.personalisation:
         sections.append(("personalised", "Global vs personalised", _personalised(view)))
+    if view.contributions:
+        intro = (
+            "Each site left out in turn: the other sites' mean Dice (WT, TC, ET; "
+            "case-weighted) with the full federation's model and with the model trained "
+            "without that site. A positive difference: the site's data helped the others."
+        )
+        sections.append(
+            (
+                "contributions",
+                "Leave-one-site-out",
+                Markup(
+                    f"<p>{esc(intro)}</p>" + table(CONTRIBUTION_HEADERS, contribution_rows(view))
+                ),
+            )
+        )
     sections.append(("config", "Configuration", _config(view)))
     return page(
         view.title,
@@ -315,6 +330,18 @@ def personalisation_rows(view: RunView) -> list[list[str]]:
     return rows
 
 
+CONTRIBUTION_HEADERS = ["site left out", "others' Dice with it", "without it", "its effect"]
+
+
+def contribution_rows(view: RunView) -> list[list[str]]:
+    """One row per site left out: the others' Dice with and without it, and the change."""
+
+    def fmt(value: float | None, spec: str = ".3f") -> str:
+        return "—" if value is None else format(value, spec)
+
+    return [[s, fmt(a), fmt(b), fmt(d, "+.3f")] for s, a, b, d in view.contributions]
+
+
 def _personalised(view: RunView) -> Markup:
     assert view.personalisation is not None
     steps = view.personalisation.steps
@@ -402,6 +429,9 @@ def markdown_text(view: RunView) -> str:
         ]
         lines += _md_table(["site", *REGION_NAMES], personalisation_rows(view))
         lines += [f"- not personalised: {s}: {r}" for s, r in view.personalisation.not_done]
+    if view.contributions:
+        lines += ["", "## Leave-one-site-out (the other sites' mean Dice)", ""]
+        lines += _md_table(CONTRIBUTION_HEADERS, contribution_rows(view))
     lines += ["", "## Configuration", "", "```toml"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in view.config.items()]
     lines += ["```", "", "![Dice learning curves](learning_curves.png)"]

@@ -72,6 +72,9 @@ class RunConfig:
     # After the last round each site fine-tunes the final model this many steps on its own
     # training cases and validates both (0: no personalisation). The fine-tuned model stays.
     personalise_steps: int = 0
+    # After the study, rerun it once per site with that site left out, to measure what each
+    # site's data did for the others (fedseg.contributions; one study's cost per site).
+    leave_one_out: bool = False
     model_preset: str = "tiny"
     local_steps: int = 40
     batch_size: int = 2

@@ -29,7 +29,7 @@ STATE_NAME = "state.json"
 # Keys a resumed study may change: where it waits and how long, and how many rounds in all.
 MAY_CHANGE = frozenset({
     "resume", "run-dir", "wait-for-sites", "round-timeout", "num-server-rounds",
-    "min-available-sites", "personalise-steps",
+    "min-available-sites", "personalise-steps", "leave-one-out",
 })  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from fedseg import __version__
 from fedseg.artifacts import load_weights, save_weights, write_json
 from fedseg.audit import AuditTrail
 from fedseg.config import RunConfig
+from fedseg.contributions import leave_one_out
 from fedseg.cross_site import run_cross_site
 from fedseg.personalise import run_personalisation
 from fedseg.records import pack_weights, unpack_weights
@@ -58,6 +59,8 @@ class RoundWriter:
         self.strategy: object = None
         # Global vs fine-tuned model per site, after the last round (fedseg.personalise).
         self.personalisation: dict[str, object] = {}
+        # Leave-one-site-out effects on the other sites (fedseg.contributions).
+        self.contributions: dict[str, Any] = {}
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
         write_json(self.run_dir / "metrics.json", self.payload())
@@ -100,6 +103,8 @@ class RoundWriter:
         extra: dict[str, object] = {"initial_model": self.initial} if self.initial else {}
         if self.personalisation:
             extra["personalisation"] = self.personalisation
+        if self.contributions:
+            extra["contributions"] = self.contributions
         return {
             "fedseg_version": __version__,
             "mode": self.run.mode,
@@ -212,6 +217,10 @@ def run_training(
         if run.personalise_steps:
             writer.personalisation = run_personalisation(grid, arrays=arrays, run=run, book=book)
             writer.trail.append("personalisation", **_personal_dice(writer.personalisation))
+        if run.leave_one_out:
+            start = pack_weights(travelling(initial_model(run), run))
+            writer.contributions = leave_one_out(grid, run=run, start=start, book=book)
+            writer.trail.append("contributions", **writer.contributions)
         writer.trail.append("study-end", global_model=weights_hash(arrays), files=files)
     else:
         writer.trail.append("study-end", global_model=weights_hash(arrays), files=[])
