@@ -32,14 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 
 from evaluation.regions import REGION_NAMES
 from evaluation.summary import STATISTICS
 from fedseg.config import ConfigError, RunConfig, SiteConfig
-from fedseg.records import METRICS, WEIGHTS, content_digest
+from fedseg.records import METRICS, WEIGHTS, content_digest, decline_reply
 
 TRAIN_METRICS = frozenset(
     {"num-examples", "train-loss", "train-loss-final", "local-steps", "train-seconds"}
@@ -53,6 +53,7 @@ _SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 # Plain words only: a path needs "/" or "\", a case id or date needs digits.
 _REASON = re.compile(r"[a-z][a-z ,;:'()=._-]{0,199}")
+FAILED = "the site could not complete the task; details are in the site's log"
 BLOCKED = (
     "the site's egress guard blocked a reply holding more than model weights and aggregate "
     "metrics; details are in the site's log"
@@ -155,10 +156,20 @@ def _append(path: Path, entry: dict[str, Any]) -> None:
 
 
 def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """ClientApp mod: send the reply only if it passes :func:`reply_problems`; log it."""
-    reply = call_next(msg, context)
+    """ClientApp mod: send the reply only if it passes :func:`reply_problems`; log it.
+
+    An exception or error reply from inside would reach the server with its text (Flower
+    sends ``str(exception)``, which may hold a path or a case id): it leaves as a decline or
+    an error in general terms, the detail stays in the site's log.
+    """
+    try:
+        reply = call_next(msg, context)
+    except Exception:
+        log(ERROR, "the %s task failed at this site", msg.metadata.message_type, exc_info=True)
+        return decline_reply(msg, site=_node_name(context), reason=FAILED, kind="invalid-data")
     if reply.has_error():
-        return reply
+        log(ERROR, "the %s task returned an error: %s", msg.metadata.message_type, reply.error)
+        return Message(Error(code=reply.error.code, reason=FAILED), reply_to=msg)
     site: SiteConfig | None
     try:
         run = RunConfig.from_flower(context.run_config)
@@ -181,16 +192,7 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
         identity = reply.content.get("site")
         name = identity.get("site") if isinstance(identity, ConfigRecord) else None
         safe = str(name) if isinstance(name, str) and _SITE_NAME.fullmatch(name) else "unknown"
-        reply = Message(
-            RecordDict(
-                {
-                    "site": ConfigRecord(
-                        {"site": safe, "declined": BLOCKED, "decline-kind": "invalid-data"}
-                    )
-                }
-            ),
-            reply_to=msg,
-        )
+        reply = decline_reply(msg, site=safe, reason=BLOCKED, kind="invalid-data")
         entry |= {"verdict": "blocked", "problems": problems}
     else:
         entry["verdict"] = "sent"
@@ -198,6 +200,12 @@ def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -
     if site is not None:
         _append(egress_log_path(site), entry)
     return reply
+
+
+def _node_name(context: Context) -> str:
+    path = context.node_config.get("data-path")
+    name = Path(str(path)).name if path else ""
+    return name if _SITE_NAME.fullmatch(name) else f"node-{context.node_id}"
 
 
 def _round_of(msg: Message) -> int | None:

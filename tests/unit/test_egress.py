@@ -146,3 +146,25 @@ def test_the_policy_follows_the_strategy_and_the_site(tmp_path: Path) -> None:
     fedbn = policy_for(RunConfig(strategy="fedbn", model_preset="tiny-bn"), site)
     fedavg = policy_for(RunConfig(model_preset="tiny-bn"), site)
     assert fedbn.weights_size < fedavg.weights_size and not fedbn.share_per_case
+
+
+def test_an_exception_at_the_site_leaves_without_its_text(tmp_path: Path) -> None:
+    def crashes(msg: Message, _: Context) -> Message:
+        raise OSError(f"{tmp_path}/hospital-a/BraTS-GLI-00012/t1c.nii.gz: truncated")
+
+    reply = egress_guard(_incoming(), _context(tmp_path), crashes)
+    assert declined(reply) == (
+        "invalid-data",
+        "the site could not complete the task; details are in the site's log",
+    )
+    assert "00012" not in str(reply.content)
+
+
+def test_an_error_reply_from_inside_is_sent_in_general_terms(tmp_path: Path) -> None:
+    from flwr.app import Error
+
+    def errs(msg: Message, _: Context) -> Message:
+        return Message(Error(code=1, reason="/data/hospital-a/case-7 unreadable"), reply_to=msg)
+
+    reply = egress_guard(_incoming(), _context(tmp_path), errs)
+    assert reply.has_error() and "case-7" not in str(reply.error.reason)
