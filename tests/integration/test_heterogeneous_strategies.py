@@ -20,6 +20,10 @@ from fedseg.task.model import build_model
 from fedseg.task.sharing import normalisation_keys
 from tests.processes import flower_processes
 
+# Two real Flower runs (about 90 s); the same logic is unit-tested in test_heterogeneity.py and
+# runs on the deployment engine in test_deployment.py.
+pytestmark = pytest.mark.slow
+
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 
 

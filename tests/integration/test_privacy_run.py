@@ -17,7 +17,8 @@ from fedseg.simulation import FLOWER_ENV, SimulationSpec, app_dir, run_simulatio
 from fedseg.synth import generate_federation
 from tests.processes import flower_processes
 
-pytestmark = pytest.mark.privacy
+# About a minute: a real Flower run; the same accounting is unit-tested in test_privacy.py.
+pytestmark = [pytest.mark.privacy, pytest.mark.slow]
 
 
 def test_dp_study_accounts_epsilon_and_both_sides_log_the_same_bytes(tmp_path: Path) -> None:
