@@ -20,8 +20,10 @@ STRATEGIES = (
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "fedbn",
     "cyclic",
 )  # fmt: skip
-# The strategies DP can wrap: their aggregate is a mean of the sites' updates.
-DP_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedbn")
+# The strategies DP can wrap: their new model is the mean of the sites' updates, which the
+# noise is calibrated for. FedAdam/FedYogi's server step rescales that mean per weight, so
+# noise added after it would not be calibrated (and before it is not what Flower exposes).
+DP_STRATEGIES = ("fedavg", "fedprox", "fedbn")
 # A site's compute device: auto (a CUDA GPU when torch sees one), cpu, cuda, cuda:N.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MODES = ("train", "evaluate", "cross-site")

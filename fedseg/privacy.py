@@ -14,7 +14,8 @@ Gaussian release per aggregated round, no amplification by sampling (every site 
 ``epsilon`` at ``dp-delta`` after each round, in ``metrics.json`` and the report. Noise is
 calibrated to ``min-train-sites``; when more sites contribute, each one's influence on the
 mean is smaller, so the reported epsilon is an upper bound. Anything computed from the noised
-average (FedAdam's server step, the final model) is post-processing and spends nothing more.
+models (the final model, the validation of each round) is post-processing and spends nothing
+more on the updates.
 Validation metrics are not covered: they leave through the egress guard's rules instead.
 """
 
