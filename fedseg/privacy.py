@@ -13,9 +13,8 @@ Privacy spent is accounted with Flower's RDP accountant (Google's ``dp-accountin
 Gaussian release per aggregated round, no amplification by sampling (every site takes part):
 ``epsilon`` at ``dp-delta`` after each round, in ``metrics.json`` and the report. Noise is
 calibrated to ``min-train-sites``; when more sites contribute, each one's influence on the
-mean is smaller, so the reported epsilon is an upper bound. Anything computed from the noised
-models (the final model, the validation of each round) is post-processing and spends nothing
-more on the updates.
+mean is smaller, so the reported epsilon is an upper bound. The final model is
+post-processing of the noised releases and spends nothing more.
 Validation metrics are not covered: they leave through the egress guard's rules instead.
 """
 
