@@ -120,6 +120,9 @@ class RunConfig:
             self._check_dp()
         if self.site_order and self.strategy != "cyclic":
             raise ConfigError(f"site-order is for strategy cyclic, not {self.strategy}")
+        named = self.site_sequence
+        if len(set(named)) != len(named):
+            raise ConfigError(f"site-order names a site twice: {self.site_order!r}")
         if self.max_update_ratio < 0 or 0 < self.max_update_ratio <= 1:
             raise ConfigError(
                 f"max-update-ratio must be 0 (off) or > 1, got {self.max_update_ratio}"

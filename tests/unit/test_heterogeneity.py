@@ -108,6 +108,8 @@ def test_site_order_is_only_for_the_cyclic_plan() -> None:
     with pytest.raises(ConfigError, match="site-order is for strategy cyclic"):
         RunConfig(site_order="hospital-a,hospital-b")
     assert RunConfig(strategy="cyclic", site_order=" a, b,").site_sequence == ["a", "b"]
+    with pytest.raises(ConfigError, match="names a site twice"):
+        RunConfig(strategy="cyclic", site_order="a,b,a")
 
 
 def test_fedavg_on_a_bn_preset_sends_norm_weights_but_no_counters(tiny_site: Path) -> None:
