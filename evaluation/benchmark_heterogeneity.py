@@ -289,29 +289,33 @@ def table(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], out: Path) -> Path:
-    """Grouped bars: mean Dice per site (and over all sites), one bar per method."""
-
+    """Grouped bars: mean Dice per site (and over all sites), one bar per method, each seed's
+    value a dot on its bar (with three seeds the dots say more than a standard deviation)."""
     sites = [s for s in next(iter(results.values())) if s != POOL] + [POOL]
-    fig, ax = plt.subplots(figsize=(1.6 * len(sites) + 3, 4))
+    fig, ax = plt.subplots(figsize=(1.7 * len(sites) + 4, 4))
     width = 0.8 / len(results)
     for i, (method, by_site) in enumerate(results.items()):
         xs = [x + (i - (len(results) - 1) / 2) * width for x in range(len(sites))]
-        ax.bar(
-            xs,
-            [by_site[s]["mean"]["mean"] for s in sites],
-            width,
-            yerr=[by_site[s]["mean"]["std"] for s in sites],
-            capsize=2,
-            label=method,
-        )
+        bars = ax.bar(xs, [by_site[s]["mean"]["mean"] for s in sites], width, label=method)
+        for x, site in zip(xs, sites, strict=True):
+            values = by_site[site]["mean"]["values"]
+            ax.scatter(
+                [x] * len(values),
+                values,
+                s=8,
+                color="black",
+                zorder=3,
+                edgecolors=bars.patches[0].get_facecolor(),
+                linewidths=0.5,
+            )
     ax.set_xticks(range(len(sites)), sites)
     ax.set(
         ylabel="mean Dice (WT, TC, ET)",
-        ylim=(0, 1.05),
-        title="Each method at each site's own validation cases (bars: std over seeds)",
+        ylim=(0, 1.02),
+        title="Each method at each site's own validation cases (dots: one per seed)",
     )
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncols=4, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save_figure(fig, out)
 
 
