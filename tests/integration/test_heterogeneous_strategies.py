@@ -36,15 +36,17 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _study(sites: Path, run_dir: Path, **overrides: object) -> dict:
+    settings: dict[str, object] = {
+        "num_server_rounds": 2,
+        "local_steps": 2,
+        "min_train_sites": 2,
+        "min_cases_to_report": 1,
+    }
     run = RunConfig(
-        num_server_rounds=2,
-        local_steps=2,
-        min_train_sites=2,
-        min_cases_to_report=1,
-        run_dir=str(run_dir),
+        **{**settings, **overrides},
+        run_dir=str(run_dir),  # type: ignore[arg-type]
         sim_sites_dir=str(sites),
-        **overrides,
-    )  # type: ignore[arg-type]
+    )
     before = flower_processes()
     spec = SimulationSpec(
         app_dir=app_dir(), run=run, num_supernodes=len(SITES), work_dir=run_dir.parent / "flower"
