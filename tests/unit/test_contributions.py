@@ -27,7 +27,7 @@ class _Helpful(_Sites):
         super().__init__(nodes=NAMES)
         self.start: float | None = None
 
-    def _reply(self, msg: Message, server_round: int) -> Message:
+    def _answer(self, msg: Message, server_round: int) -> Message:
         node = msg.metadata.dst_node_id
         name = self.nodes[node]
         content = RecordDict({"site": ConfigRecord({"site": name, "fingerprint": f"fp-{name}"})})

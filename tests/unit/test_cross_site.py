@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -13,6 +11,7 @@ from fedseg.config import RunConfig
 from fedseg.cross_site import GLOBAL, run_cross_site
 from fedseg.rounds import wait_for_sites
 from fedseg.strategies import MetricsBook
+from tests.fake_grid import FakeGrid
 
 
 @pytest.fixture(autouse=True)
@@ -25,26 +24,14 @@ def _weights(value: float) -> ArrayRecord:
     return ArrayRecord({"w": Array(np.full(2, value, dtype=np.float32))})
 
 
-class _Federation:
+class _Federation(FakeGrid):
     """A fake Grid: site ``i`` adds ``i`` to the weights it trains; a model's Dice at a site
     is ``weight / 100 + site / 1000``, so every cell of the matrix says where it came from."""
 
     def __init__(self, sites: dict[int, str], *, abstains: str = "", n_cases: int = 3) -> None:
+        super().__init__(sites)
         self.sites, self.abstains, self.n_cases = sites, abstains, n_cases
         self.types: list[str] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.sites)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        self.replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # what the SuperLink assigns
-            self.replies.append(self._reply(msg))
-        return [r.metadata.reply_to_message_id for r in self.replies]
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [r for r in self.replies if r.metadata.reply_to_message_id in set(message_ids)]
 
     def _reply(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id

@@ -3,7 +3,6 @@ personalisation, through the real ClientApp handlers and the server's round code
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from fedseg.rounds import RoundPlan, cyclic_round
 from fedseg.strategies import MetricsBook, RecordingCyclic, build_strategy
 from fedseg.task.model import build_model
 from fedseg.task.sharing import normalisation_keys, travelling_state
+from tests.fake_grid import FakeGrid
 
 
 @pytest.fixture(autouse=True)
@@ -146,28 +146,15 @@ def test_fedbn_on_a_preset_without_norm_parameters_is_refused(tmp_path: Path) ->
 # --------------------------------------------------------------------------- cyclic plan
 
 
-class _ChainGrid:
+class _ChainGrid(FakeGrid):
     """Fake sites: a site trains by ``w -> 2 w + id`` (so the result depends on the order),
-    answers the identity roll-call, and ``absent`` sites are connected but never train."""
+    answers the identity roll-call, and ``failing`` sites decline to train."""
 
     def __init__(self, names: dict[int, str], *, failing: tuple[str, ...] = ()) -> None:
+        super().__init__(names)
         self.names, self.failing = names, failing
         self.visits: list[str] = []
         self.received: list[np.ndarray] = []
-        self.replies: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.names)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        self.replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id
-            self.replies.append(self._reply(msg))
-        return [r.metadata.reply_to_message_id for r in self.replies]
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [r for r in self.replies if r.metadata.reply_to_message_id in set(message_ids)]
 
     def _reply(self, msg: Message) -> Message:
         name = self.names[msg.metadata.dst_node_id]

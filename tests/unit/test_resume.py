@@ -19,6 +19,7 @@ from fedseg.records import WEIGHTS, pack_weights
 from fedseg.rounds import SitesMissingError
 from fedseg.server_app import run_study
 from fedseg.task.model import build_model
+from tests.fake_grid import FakeGrid
 
 SITES = {7: "hospital-a", 8: "hospital-b"}
 
@@ -29,40 +30,28 @@ def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
-class _Sites:
+class _Sites(FakeGrid):
     """A fake Grid: every site adds 1 to each weight it trains and reports Dice = round / 10;
     ``crash_in_round`` makes the server's process die when that round's training is sent."""
 
     def __init__(self, *, crash_in_round: int = 0, nodes: dict[int, str] | None = None) -> None:
-        self.crash_in_round, self.nodes = crash_in_round, SITES if nodes is None else nodes
+        super().__init__(SITES if nodes is None else nodes)
+        self.crash_in_round = crash_in_round
         self.rounds_sent: list[int] = []
-        self.replies: list[Message] = []
-        self.all_replies: list[Message] = []
         self.train_configs: list[ConfigRecord] = []
 
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
+    def _reply(self, msg: Message) -> Message:
+        config = msg.content["config"]
+        assert isinstance(config, ConfigRecord)
+        server_round = int(config["server-round"])  # type: ignore[call-overload]
+        if msg.metadata.message_type == "train":
+            if server_round == self.crash_in_round:
+                raise KeyboardInterrupt("the coordinator's machine went down")
+            self.rounds_sent.append(server_round)
+            self.train_configs.append(config)
+        return self._answer(msg, server_round)
 
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        self.replies = []
-        for msg in messages:
-            config = msg.content["config"]
-            assert isinstance(config, ConfigRecord)
-            server_round = int(config["server-round"])  # type: ignore[call-overload]
-            if msg.metadata.message_type == "train":
-                if server_round == self.crash_in_round:
-                    raise KeyboardInterrupt("the coordinator's machine went down")
-                self.rounds_sent.append(server_round)
-                self.train_configs.append(config)
-            msg.metadata.__dict__["_message_id"] = msg.object_id
-            self.replies.append(self._reply(msg, server_round))
-        self.all_replies += self.replies
-        return [r.metadata.reply_to_message_id for r in self.replies]
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [r for r in self.replies if r.metadata.reply_to_message_id in set(message_ids)]
-
-    def _reply(self, msg: Message, server_round: int) -> Message:
+    def _answer(self, msg: Message, server_round: int) -> Message:
         name = self.nodes[msg.metadata.dst_node_id]
         content = RecordDict({"site": ConfigRecord({"site": name, "fingerprint": f"fp-{name}"})})
         if msg.metadata.message_type == "train":
@@ -165,12 +154,12 @@ def test_a_silent_site_answered_for_by_the_superlink_is_named() -> None:
     from fedseg.strategies import MetricsBook
 
     class _OneDies(_Sites):
-        def _reply(self, msg: Message, server_round: int) -> Message:
+        def _answer(self, msg: Message, server_round: int) -> Message:
             if msg.metadata.dst_node_id == 8:
                 reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=msg)
                 reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
                 return reply
-            return super()._reply(msg, server_round)
+            return super()._answer(msg, server_round)
 
     book = MetricsBook(node_sites=dict(SITES))
     train = ConfigRecord({"server-round": 2})
