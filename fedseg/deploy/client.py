@@ -6,6 +6,7 @@ The site config stays at the hospital (it is never part of the app bundle)::
     name = "hospital-a"                 # must match the dataset's manifest
     data-path = "/data/fedseg/hospital-a"
     num-threads = 8
+    # egress-log = "/var/log/fedseg/egress.jsonl"  # every reply sent (default: work-dir/logs)
 
     [consent]                           # what this site takes part in (see fedseg.config)
     train = true
