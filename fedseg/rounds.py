@@ -21,7 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedseg.strategies import MetricsBook, RecordingCyclic
+from fedseg.strategies import MetricsBook, RecordingCyclic, too_few_trained
 
 POLL_SECONDS = 0.2
 
@@ -205,9 +205,6 @@ def cyclic_round(
         if node in trained:
             arrays, visited = trained[node], visited + 1
     if visited < strategy.min_train_nodes:
-        record.not_aggregated = (
-            f"only {visited} of the {strategy.min_train_nodes} sites required (min-train-sites) "
-            "trained; the global model is unchanged"
-        )
+        record.not_aggregated = too_few_trained(visited, strategy.min_train_nodes)
         return start
     return arrays

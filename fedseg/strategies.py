@@ -7,7 +7,7 @@ hospital did. The strategies here are Flower's own, with ``aggregate_train`` and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,20 +177,16 @@ class MetricsBook:
             return trained
         start = reference[WEIGHTS].numpy()
         norms = {n: float(np.linalg.norm(a[WEIGHTS].numpy() - start)) for n, a in trained.items()}
-        record = self.round_record(server_round)
-        kept = {}
-        for node, arrays in trained.items():
+
+        def problem(node: int, _: str) -> str | None:
             others = float(np.median([v for k, v in norms.items() if k != node]))
             if others > 0 and norms[node] > max_ratio * others:
-                site = self.node_sites.get(node, f"node-{node}")
-                reason = (f"update norm {norms[node]:.3g} is {norms[node] / others:.0f}x the "
-                          f"median of the other sites' ({others:.3g}; max-update-ratio "
-                          f"{max_ratio:g}): not averaged in")  # fmt: skip
-                record.failures.append({"site": site, "phase": "train", "reason": reason})
-                record.train.pop(site, None)
-                continue
-            kept[node] = arrays
-        return kept
+                return (f"update norm {norms[node]:.3g} is {norms[node] / others:.0f}x the "
+                        f"median of the other sites' ({others:.3g}; max-update-ratio "
+                        f"{max_ratio:g}): not averaged in")  # fmt: skip
+            return None
+
+        return self._screen(server_round, trained, problem)
 
     def screen_steps(
         self, server_round: int, trained: dict[int, ArrayRecord], *, steps: int
@@ -198,12 +194,27 @@ class MetricsBook:
         """Under DP every site weighs the same (its ``local-steps``): refuse one claiming
         other work, which would weigh it more than the noise is calibrated for."""
         record = self.round_record(server_round)
+
+        def problem(_: int, site: str) -> str | None:
+            claimed = record.train.get(site, {}).get("steps")
+            if claimed != steps:
+                return f"reported {claimed} local steps, the study asked {steps}: not averaged in"
+            return None
+
+        return self._screen(server_round, trained, problem)
+
+    def _screen(
+        self, server_round: int, trained: dict[int, ArrayRecord],
+        problem: Callable[[int, str], str | None],
+    ) -> dict[int, ArrayRecord]:  # fmt: skip
+        """The updates ``problem`` (node, site) finds nothing wrong with; each other one is
+        recorded as its site's training failure and taken out of the round's training."""
+        record = self.round_record(server_round)
         kept = {}
         for node, arrays in trained.items():
             site = self.node_sites.get(node, f"node-{node}")
-            claimed = record.train.get(site, {}).get("steps")
-            if claimed != steps:
-                reason = f"reported {claimed} local steps, the study asked {steps}: not averaged in"
+            reason = problem(node, site)
+            if reason:
                 record.failures.append({"site": site, "phase": "train", "reason": reason})
                 record.train.pop(site, None)
                 continue
@@ -237,6 +248,14 @@ class MetricsBook:
         kept = [RoundRecord.from_json(r) for r in rounds if int(r["round"]) <= up_to]
         return cls(rounds={r.round: r for r in kept}, node_sites=dict(node_sites),
                    weights_size=weights_size)  # fmt: skip
+
+
+def too_few_trained(trained: int, required: int) -> str:
+    """Why a round kept the previous global model: fewer sites trained than required."""
+    return (
+        f"only {trained} of the {required} sites required (min-train-sites) trained; the "
+        "global model is unchanged"
+    )
 
 
 class _Recording:
@@ -275,10 +294,7 @@ class _Recording:
         if replies and len(trained) < required:
             # Averaging fewer sites than the study requires would let one hospital's update
             # stand for the federation: keep the previous global model instead.
-            self.book.rounds[server_round].not_aggregated = (
-                f"only {len(trained)} of the {required} sites required (min-train-sites) "
-                "trained; the global model is unchanged"
-            )
+            self.book.rounds[server_round].not_aggregated = too_few_trained(len(trained), required)
             return None, None
         accepted = [m for m in replies if m.metadata.src_node_id in trained]
         arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
