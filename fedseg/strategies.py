@@ -414,6 +414,29 @@ REGISTRY: dict[str, type[_Recording]] = {
 }
 
 
+#: Strategies whose new model is a weighted mean of the sites' (Flower's FedAvg aggregation).
+MEAN_AGGREGATION = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"})
+
+
+def weighting(run: RunConfig) -> tuple[str, str]:
+    """What weighs a site in the mean: its metric key and the ``RoundRecord.train`` field.
+
+    FedAvg weights sites by cases (Rieke et al., Alg. 1); DP's noise assumes equal weights,
+    and every site does the same ``local-steps``.
+    """
+    return ("local-steps", "steps") if run.private else ("num-examples", "n_cases")
+
+
+def aggregation_weights(run: RunConfig, train: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Each trained site's weight in the round's mean (``{}`` for a strategy that takes none:
+    median, trimmed mean, Krum, the cyclic plan)."""
+    _, field_name = weighting(run)
+    total = sum(entry[field_name] for entry in train.values())
+    if run.strategy not in MEAN_AGGREGATION or not total:
+        return {}
+    return {site: entry[field_name] / total for site, entry in train.items()}
+
+
 def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
     """The strategy a run config asks for, recording into ``book``."""
     common: dict[str, Any] = {
@@ -423,8 +446,7 @@ def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
         "min_train_nodes": run.min_train_sites,
         "min_evaluate_nodes": run.min_train_sites,
         "min_available_nodes": run.available_sites,
-        # FedAvg weights sites by cases (Rieke et al., Alg. 1); DP's noise assumes equal weights.
-        "weighted_by_key": "local-steps" if run.private else "num-examples",
+        "weighted_by_key": weighting(run)[0],
     }
     if run.strategy not in REGISTRY:  # RunConfig validates the name; this guards a drift
         raise ValueError(f"strategy '{run.strategy}' has no implementation")

@@ -18,10 +18,7 @@ from fedseg import __version__
 from fedseg.audit import AuditTrail, canonical
 from fedseg.config import RunConfig
 from fedseg.records import WEIGHTS
-from fedseg.strategies import RoundRecord
-
-#: Strategies whose aggregate is a case-weighted mean: their weights are recorded.
-CASE_WEIGHTED = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"})
+from fedseg.strategies import RoundRecord, aggregation_weights
 
 
 def config_hash(run: RunConfig) -> str:
@@ -62,7 +59,7 @@ def study_start(trail: AuditTrail, *, run: RunConfig, run_info: object, run_id: 
 def round_fields(record: RoundRecord, *, run: RunConfig, before: str, after: str) -> dict[str, Any]:
     """One round: who trained (fingerprint, cases, steps, seconds, what each sent), the
     aggregation weights, the global model's hash before and after, validation and failures."""
-    total = sum(t["n_cases"] for t in record.train.values())
+    weights = aggregation_weights(run, record.train)
     trained: dict[str, dict[str, Any]] = {}
     for site, entry in record.train.items():
         trained[site] = {
@@ -70,8 +67,8 @@ def round_fields(record: RoundRecord, *, run: RunConfig, before: str, after: str
             for k in ("fingerprint", "n_cases", "steps", "seconds", "loss")
             if k in entry
         }
-        if run.strategy in CASE_WEIGHTED and total:
-            trained[site]["weight"] = entry["n_cases"] / total
+        if site in weights:
+            trained[site]["weight"] = weights[site]
     validated = {
         site: {
             "fingerprint": e["fingerprint"],

@@ -155,3 +155,14 @@ def test_a_nan_update_is_refused_and_the_round_completes(tmp_path: Path) -> None
     np.testing.assert_allclose(aggregated, 0.2, rtol=1e-6)
     [failure] = book.rounds[1].failures
     assert failure["site"] == "hospital-3" and "NaN" in failure["reason"]
+
+
+def test_the_audited_weights_are_the_ones_the_mean_uses() -> None:
+    from fedseg.strategies import aggregation_weights
+
+    train = {"hospital-a": {"n_cases": 10, "steps": 2}, "hospital-b": {"n_cases": 30, "steps": 2}}
+    assert aggregation_weights(RunConfig(), train) == {"hospital-a": 0.25, "hospital-b": 0.75}
+    # Under DP every site weighs the same, whatever its number of cases.
+    private = RunConfig(dp_noise_multiplier=1.0)
+    assert aggregation_weights(private, train) == {"hospital-a": 0.5, "hospital-b": 0.5}
+    assert aggregation_weights(RunConfig(strategy="krum"), train) == {}
