@@ -31,7 +31,6 @@ from logging import ERROR
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
@@ -39,7 +38,7 @@ from flwr.common.logger import log
 from evaluation.regions import REGION_NAMES
 from evaluation.summary import STATISTICS
 from fedseg.config import ConfigError, RunConfig, SiteConfig
-from fedseg.records import METRICS, WEIGHTS, content_digest, decline_reply
+from fedseg.records import METRICS, WEIGHTS, content_digest, decline_reply, update_problem
 
 TRAIN_METRICS = frozenset(
     {"num-examples", "train-loss", "train-loss-final", "local-steps", "train-seconds"}
@@ -117,14 +116,14 @@ def _identity_problems(record: ConfigRecord) -> list[str]:
 
 
 def _weights_problems(record: ArrayRecord, *, size: int) -> list[str]:
-    if list(record) != [WEIGHTS]:
-        return [f"arrays {list(record)[:5]} are not the one packed '{WEIGHTS}' vector"]
-    array = record[WEIGHTS]
-    if array.dtype != "float32" or len(array.shape) != 1 or math.prod(array.shape) != size:
-        return [f"weights are {array.dtype} {array.shape}; the model sends float32 ({size},)"]
-    if not np.isfinite(array.numpy()).all():
-        return ["weights hold NaN or infinite values"]
-    return []
+    """The server's own check on an update (one packed vector of the model's size, finite),
+    and here also its form: a flat float32 vector, so no volume can pass as weights."""
+    if list(record) == [WEIGHTS]:
+        array = record[WEIGHTS]
+        if array.dtype != "float32" or len(array.shape) != 1:
+            return [f"weights are {array.dtype} {array.shape}; the model sends float32 ({size},)"]
+    problem = update_problem(record, size=size)
+    return [problem] if problem else []
 
 
 def _metric_problems(name: str, record: MetricRecord, *, policy: EgressPolicy) -> list[str]:
