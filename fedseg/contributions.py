@@ -43,15 +43,11 @@ def _reporting(record: RoundRecord, *, without: str) -> set[str]:
 
 
 def mean_dice(record: RoundRecord, sites: set[str]) -> float | None:
-    """Case-weighted mean Dice (WT, TC, ET averaged) over ``sites`` of a round."""
-    entries = [record.sites[s] for s in sites]
-    total = sum(e["n_cases"] for e in entries)
-    if not total:
-        return None
-    weighted = sum(
-        statistics.fmean(e["dice"][r] for r in REGION_NAMES) * e["n_cases"] for e in entries
-    )
-    return float(weighted / total)
+    """Case-weighted mean Dice (WT, TC, ET averaged) over ``sites`` of a round: the round's
+    own pooling, restricted to those sites."""
+    subset = RoundRecord(round=record.round, sites={s: record.sites[s] for s in sites})
+    pooled = subset.pooled()
+    return statistics.fmean(pooled["dice"][r] for r in REGION_NAMES) if pooled else None
 
 
 def leave_one_out(
