@@ -2,7 +2,8 @@
 
 Run as ``python -m evaluation.benchmark privacy --out DIR [--quick]``. The same generated
 federation, budget and code as ``heterogeneity`` (:mod:`evaluation.benchmark_heterogeneity`);
-FedAvg with client-side clipping at ``--clipping-norm`` and Gaussian noise multipliers
+FedAvg with client-side clipping at ``--clipping-norm`` (``--clipping adaptive``: the first
+round's norm, then following the sites' median update norm) and Gaussian noise multipliers
 ``--noise`` (0: plain FedAvg without DP, the reference), through real Flower runs.
 ``DIR/privacy.json`` holds, per noise multiplier, the epsilon spent at delta after the last
 round and the Dice per site and pooled; ``DIR/privacy.png`` plots pooled Dice against epsilon
@@ -19,7 +20,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +41,26 @@ QUICK_NOISE = (0.0, 0.05, 0.5)
 FULL_NOISE = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Clipping:
+    """How the sites clip: ``fixed`` at ``norm``, or ``adaptive`` starting there."""
+
+    kind: str = "fixed"
+    norm: float = 5.0
+    count_stddev: float = 0.0
+
+
 def run_private(
-    sites: list[Path], plan: BenchmarkPlan, *, noise: float, clipping_norm: float, work: Path
+    sites: list[Path], plan: BenchmarkPlan, *, noise: float, clipping: Clipping, work: Path
 ) -> dict[str, Any]:
-    """One FedAvg study with DP at ``noise`` (0: plain FedAvg, the reference); its epsilon
-    and Dice."""
+    """One FedAvg study with DP at ``noise`` (0: plain FedAvg, the reference); its epsilon,
+    Dice and the clipping norm of its last round."""
     run = replace(
         study_config(plan, seed=plan.seeds[0]),
         dp_noise_multiplier=noise,
-        dp_clipping_norm=clipping_norm,
+        dp_clipping_norm=clipping.norm,
+        dp_clipping=clipping.kind,
+        dp_count_stddev=clipping.count_stddev,
     )
     metrics = simulate_study(run, sites, work=work)
     final = metrics["final"]
@@ -57,6 +69,7 @@ def run_private(
         "noise_multiplier": noise,
         "epsilon": spent.get("epsilon") if noise > 0 else None,
         "delta": spent.get("delta"),
+        "last_clipping_norm": spent.get("clipping_norm"),
         "sites": {s: e["dice"] for s, e in final["sites"].items()},
         "pooled": final["pooled"]["dice"],
         "mean_dice": statistics.fmean(final["pooled"]["dice"][r] for r in REGION_NAMES),
@@ -65,11 +78,14 @@ def run_private(
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Noise, epsilon, pooled Dice per region and their mean."""
-    lines = ["noise   epsilon        " + "".join(r.rjust(8) for r in REGION_NAMES) + "    mean"]
+    head = "noise   epsilon        " + "".join(r.rjust(8) for r in REGION_NAMES)
+    lines = [head + "    mean  last C"]
     for row in rows:
         eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:.3g}"
         cells = "".join(f"{row['pooled'][r]:8.3f}" for r in REGION_NAMES)
-        lines.append(f"{row['noise_multiplier']:<8g}{eps:<15}{cells}{row['mean_dice']:8.3f}")
+        norm = row.get("last_clipping_norm")
+        last = "" if norm is None else f"{norm:8.3g}"
+        lines.append(f"{row['noise_multiplier']:<8g}{eps:<15}{cells}{row['mean_dice']:8.3f}{last}")
     return "\n".join(lines)
 
 
@@ -105,12 +121,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--clipping-norm",
         type=float,
         default=5.0,
-        help="L2 norm each site clips its update to (default 5)",
+        help="L2 norm each site clips its update to (adaptive: the first round's; default 5)",
+    )
+    parser.add_argument("--clipping", choices=("fixed", "adaptive"), default="fixed")
+    parser.add_argument(
+        "--count-stddev",
+        type=float,
+        default=0.0,
+        help="adaptive: noise on the clipped count (0: sites / 20); must exceed noise / 2",
     )
     args = parser.parse_args(argv)
     plan = replace(benchmark_plan(quick=args.quick), seeds=(0,))
     default = QUICK_NOISE if args.quick else FULL_NOISE
     noises = [float(x) for x in args.noise.split(",")] if args.noise else list(default)
+    clipping = Clipping(kind=args.clipping, norm=args.clipping_norm, count_stddev=args.count_stddev)
     start = time.perf_counter()
     sites = prepare_federation(args.out, plan, log=print)
     rows = []
@@ -121,13 +145,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sites,
                 plan,
                 noise=noise,
-                clipping_norm=args.clipping_norm,
-                work=args.out / "runs" / f"noise-{noise:g}",
+                clipping=clipping,
+                work=args.out / "runs" / f"{clipping.kind}-noise-{noise:g}",
             )
         )
     payload = {
         "plan": plan.__dict__,
         "clipping_norm": args.clipping_norm,
+        "clipping": args.clipping,
+        "count_stddev": args.count_stddev,
         "rows": rows,
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -24,6 +24,7 @@ STRATEGIES = (
 # noise is calibrated for. FedAdam/FedYogi's server step rescales that mean per weight, so
 # noise added after it would not be calibrated (and before it is not what Flower exposes).
 DP_STRATEGIES = ("fedavg", "fedprox", "fedbn")
+DP_CLIPPING = ("fixed", "adaptive")
 # A site's compute device: auto (a CUDA GPU when torch sees one), cpu, cuda, cuda:N.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MODES = ("train", "evaluate", "cross-site")
@@ -68,6 +69,14 @@ class RunConfig:
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
+    # "fixed": every round clips at dp-clipping-norm; "adaptive": dp-clipping-norm is the
+    # first round's, then the norm follows the dp-target-quantile of the sites' update norms
+    # (Andrew et al. 2021) with step dp-clip-lr, from a noised count of the clipped updates
+    # (noise stdev dp-count-stddev; 0: min-train-sites / 20, the paper's choice).
+    dp_clipping: str = "fixed"
+    dp_target_quantile: float = 0.5
+    dp_clip_lr: float = 0.2
+    dp_count_stddev: float = 0.0
     # Cyclic: the order the model visits the sites in each round, comma-separated site names
     # ("": by site name). A site not named is not visited.
     site_order: str = ""
@@ -168,6 +177,32 @@ class RunConfig:
             raise ConfigError("dp-noise-multiplier must be >= 0 and dp-clipping-norm > 0")
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_clipping not in DP_CLIPPING:
+            raise ConfigError(
+                f"dp-clipping '{self.dp_clipping}' unknown; choose from {DP_CLIPPING}"
+            )
+        if self.dp_clipping == "adaptive":
+            self._check_adaptive_clipping()
+
+    def _check_adaptive_clipping(self) -> None:
+        if not 0 <= self.dp_target_quantile <= 1 or self.dp_clip_lr <= 0:
+            raise ConfigError("dp-target-quantile must be in [0, 1] and dp-clip-lr > 0")
+        if self.dp_count_stddev < 0:
+            raise ConfigError(f"dp-count-stddev must be >= 0, got {self.dp_count_stddev}")
+        # The clipped count spends privacy too: the update noise z_u satisfies
+        # z^-2 = z_u^-2 + (2 sigma_b)^-2, which has a solution only for z < 2 sigma_b.
+        stddev = self.count_stddev
+        if self.dp_noise_multiplier >= 2 * stddev:
+            raise ConfigError(
+                f"adaptive clipping with dp-noise-multiplier {self.dp_noise_multiplier} needs "
+                f"dp-count-stddev above {self.dp_noise_multiplier / 2:g} (it is {stddev:g}): "
+                'raise dp-count-stddev or use dp-clipping = "fixed"'
+            )
+
+    @property
+    def count_stddev(self) -> float:
+        """Noise stdev on the adaptive clipped count (``dp-count-stddev`` or its default)."""
+        return self.dp_count_stddev or self.min_train_sites / 20
 
     @property
     def private(self) -> bool:

@@ -38,10 +38,18 @@ from flwr.common.logger import log
 from evaluation.regions import REGION_NAMES
 from evaluation.summary import STATISTICS
 from fedseg.config import ConfigError, RunConfig, SiteConfig
+from fedseg.privacy import CLIPPED_METRIC
 from fedseg.records import METRICS, WEIGHTS, content_digest, decline_reply, update_problem
 
 TRAIN_METRICS = frozenset(
-    {"num-examples", "train-loss", "train-loss-final", "local-steps", "train-seconds"}
+    {
+        "num-examples",
+        "train-loss",
+        "train-loss-final",
+        "local-steps",
+        "train-seconds",
+        CLIPPED_METRIC,
+    }
 )
 SUMMARY_METRICS = frozenset(
     {"num-examples"} | {f"{m}-{r}-{s}" for m in METRICS for r in REGION_NAMES for s in STATISTICS}

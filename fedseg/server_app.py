@@ -197,7 +197,7 @@ def run_training(
     privacy = getattr(strategy, "privacy", None)
     if run.resume and privacy is not None:
         # Every release so far spent privacy: the resumed accountant starts where it stood.
-        privacy.compose(sum(1 for r in book.rounds.values() if r.privacy))
+        privacy.restore([r.privacy for _, r in sorted(book.rounds.items()) if r.privacy])
     arrays = run_rounds(
         strategy,
         grid,

@@ -27,7 +27,13 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from evaluation.regions import REGION_NAMES
 from fedseg.config import RunConfig
-from fedseg.privacy import DpSettings, PrivateRelease
+from fedseg.privacy import (
+    CLIPPED_METRIC,
+    KEY_REPORT_CLIPPED,
+    AdaptiveClipping,
+    DpSettings,
+    PrivateRelease,
+)
 from fedseg.records import METRICS, WEIGHTS, content_digest, declined, site_entry, update_problem
 
 
@@ -188,17 +194,22 @@ class MetricsBook:
 
         return self._screen(server_round, trained, problem)
 
-    def screen_steps(
-        self, server_round: int, trained: dict[int, ArrayRecord], *, steps: int
-    ) -> dict[int, ArrayRecord]:
+    def screen_dp(
+        self, server_round: int, trained: dict[int, ArrayRecord], *, steps: int,
+        clipped: dict[int, bool] | None = None,
+    ) -> dict[int, ArrayRecord]:  # fmt: skip
         """Under DP every site weighs the same (its ``local-steps``): refuse one claiming
-        other work, which would weigh it more than the noise is calibrated for."""
+        other work, which would weigh it more than the noise is calibrated for. With adaptive
+        clipping (``clipped``: the flags the sites sent) an update must say whether it was
+        clipped, or the norm cannot follow."""
         record = self.round_record(server_round)
 
-        def problem(_: int, site: str) -> str | None:
+        def problem(node: int, site: str) -> str | None:
             claimed = record.train.get(site, {}).get("steps")
             if claimed != steps:
                 return f"reported {claimed} local steps, the study asked {steps}: not averaged in"
+            if clipped is not None and node not in clipped:
+                return "did not say whether its update was clipped (adaptive DP): not averaged in"
             return None
 
         return self._screen(server_round, trained, problem)
@@ -258,6 +269,17 @@ def too_few_trained(trained: int, required: int) -> str:
     )
 
 
+def clipped_flags(replies: list[Message]) -> dict[int, bool]:
+    """Whether each site that says so clipped its update (adaptive DP clipping), by node.
+    Read from the replies, never kept per site: only the noised count is released."""
+    flags = {}
+    for msg in replies:
+        metrics = msg.content.get("metrics") if msg.has_content() else None
+        if isinstance(metrics, MetricRecord) and CLIPPED_METRIC in metrics:
+            flags[msg.metadata.src_node_id] = bool(metrics[CLIPPED_METRIC])
+    return flags
+
+
 class _Recording:
     """Mixin: record replies per site, then aggregate exactly as the Flower strategy does."""
 
@@ -277,7 +299,8 @@ class _Recording:
     ) -> Iterable[Message]:
         self._start = arrays
         if self.privacy is not None:
-            config[KEY_CLIPPING_NORM] = self.privacy.settings.clipping_norm
+            config[KEY_CLIPPING_NORM] = self.privacy.clipping_norm
+            config[KEY_REPORT_CLIPPED] = self.privacy.settings.adaptive is not None
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc, no-any-return]
 
     def aggregate_train(
@@ -288,8 +311,12 @@ class _Recording:
         if self._start is not None:
             trained = self.book.screen_outliers(server_round, trained, reference=self._start,
                                                 max_ratio=self.max_update_ratio)  # fmt: skip
+        adaptive = self.privacy is not None and self.privacy.settings.adaptive is not None
+        flags = clipped_flags(replies) if adaptive else None
         if self.privacy is not None:
-            trained = self.book.screen_steps(server_round, trained, steps=self.expected_steps)
+            trained = self.book.screen_dp(
+                server_round, trained, steps=self.expected_steps, clipped=flags
+            )
         required = int(getattr(self, "min_train_nodes", 1))
         if replies and len(trained) < required:
             # Averaging fewer sites than the study requires would let one hospital's update
@@ -304,8 +331,9 @@ class _Recording:
         # would double what travels and make a resumed study differ from an uninterrupted one.
         as32 = ArrayRecord({k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()})
         if self.privacy is not None:
-            as32 = self.privacy.release(as32)
-            self.book.rounds[server_round].privacy = self.privacy.spent()
+            said = None if flags is None else [flags[n] for n in trained]
+            as32, spent = self.privacy.release(as32, clipped=said)
+            self.book.rounds[server_round].privacy = spent
         return as32, metrics
 
     def aggregate_evaluate(
@@ -437,6 +465,16 @@ def aggregation_weights(run: RunConfig, train: Mapping[str, Mapping[str, Any]]) 
     return {site: entry[field_name] / total for site, entry in train.items()}
 
 
+def _adaptive(run: RunConfig) -> AdaptiveClipping | None:
+    if run.dp_clipping != "adaptive":
+        return None
+    return AdaptiveClipping(
+        target_quantile=run.dp_target_quantile,
+        learning_rate=run.dp_clip_lr,
+        count_stddev=run.count_stddev,
+    )
+
+
 def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
     """The strategy a run config asks for, recording into ``book``."""
     common: dict[str, Any] = {
@@ -456,7 +494,8 @@ def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
     if run.private:
         strategy.privacy = PrivateRelease(DpSettings(
             noise_multiplier=run.dp_noise_multiplier, clipping_norm=run.dp_clipping_norm,
-            delta=run.dp_delta, min_sites=run.min_train_sites))  # fmt: skip
+            delta=run.dp_delta, min_sites=run.min_train_sites,
+            adaptive=_adaptive(run)))  # fmt: skip
         strategy.expected_steps = run.local_steps
     if isinstance(strategy, RecordingCyclic):
         strategy.order = run.site_sequence

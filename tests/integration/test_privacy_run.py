@@ -1,5 +1,6 @@
-"""A differentially private study in a real Flower run: epsilon per round, an audit trail that
-verifies, and each site's egress log matching what the server recorded receiving."""
+"""A differentially private study (adaptive clipping) in a real Flower run: epsilon per round,
+a clipping norm that moves, an audit trail that verifies, and each site's egress log matching
+what the server recorded receiving."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def test_dp_study_accounts_epsilon_and_both_sides_log_the_same_bytes(tmp_path: P
         min_cases_to_report=1,
         dp_noise_multiplier=0.8,
         dp_clipping_norm=0.5,
+        # Adaptive: the sites' clipped flags must pass their egress guards to move the norm.
+        dp_clipping="adaptive",
+        dp_count_stddev=1.0,
         run_dir=str(run_dir),
         sim_sites_dir=str(sites),
     )
@@ -55,6 +59,8 @@ def test_dp_study_accounts_epsilon_and_both_sides_log_the_same_bytes(tmp_path: P
     epsilons = [r["privacy"]["epsilon"] for r in rounds]
     assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1]
     assert all(set(r["train"]) == {"hospital-a", "hospital-b"} for r in rounds)
+    norms = [r["privacy"]["clipping_norm"] for r in rounds]
+    assert norms[0] == 0.5 and norms[1] == rounds[0]["privacy"]["next_clipping_norm"] != 0.5
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "4 records chained" in verified.stdout + verified.stderr
     audit = [json.loads(x) for x in (run_dir / "audit.jsonl").read_text().splitlines()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,14 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedseg.config import ConfigError, RunConfig
-from fedseg.privacy import DpSettings, PrivateRelease, clipping_mod
+from fedseg.privacy import (
+    CLIPPED_METRIC,
+    KEY_REPORT_CLIPPED,
+    AdaptiveClipping,
+    DpSettings,
+    PrivateRelease,
+    clipping_mod,
+)
 from fedseg.records import WEIGHTS
 from fedseg.server_app import run_study
 from tests.unit.test_resume import _run, _server_identity, _Sites
@@ -76,7 +84,7 @@ def test_the_server_adds_noise_of_the_calibrated_size_and_accounts_it() -> None:
     settings = DpSettings(noise_multiplier=1.5, clipping_norm=0.5, delta=1e-5, min_sites=3)
     release = PrivateRelease(settings)
     averaged = _weights(np.zeros(200_000))
-    noised = release.release(averaged)[WEIGHTS].numpy()
+    noised = release.release(averaged)[0][WEIGHTS].numpy()
     assert noised.std() == pytest.approx(1.5 * 0.5 / 3, rel=0.02)  # sigma C / m
     assert abs(noised.mean()) < 0.01
     reference = RdpAccountant(
@@ -132,3 +140,121 @@ def test_a_dp_round_refuses_an_update_claiming_more_work(tmp_path: Path) -> None
     assert arrays is not None
     assert [f["site"] for f in book.rounds[1].failures] == ["hospital-3"]
     assert "reported 200 local steps" in book.rounds[1].failures[0]["reason"]
+
+
+def _asks_clipped(message: Message) -> Message:
+    config = message.content["config"]
+    assert isinstance(config, ConfigRecord)
+    config[KEY_REPORT_CLIPPED] = True
+    return message
+
+
+def _site_trains_with_metrics(values: np.ndarray) -> object:
+    def app(msg: Message, _: Context) -> Message:
+        content = RecordDict({"arrays": _weights(values), "metrics": MetricRecord({"x": 1})})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def test_the_site_says_whether_it_clipped_only_when_asked() -> None:
+    start = np.zeros(100)
+    big, small = np.full(100, 3.0), np.full(100, 0.01)  # update norms 30 and 0.1
+    ask = _asks_clipped(_train_message(start, clip=2.0))
+    clipped = clipping_mod(ask, _context(), _site_trains_with_metrics(big))  # type: ignore[arg-type]
+    assert clipped.content["metrics"][CLIPPED_METRIC] == 1  # type: ignore[index]
+    ask = _asks_clipped(_train_message(start, clip=2.0))
+    kept = clipping_mod(ask, _context(), _site_trains_with_metrics(small))  # type: ignore[arg-type]
+    assert kept.content["metrics"][CLIPPED_METRIC] == 0  # type: ignore[index]
+    fixed = clipping_mod(
+        _train_message(start, clip=2.0), _context(), _site_trains_with_metrics(big)
+    )  # type: ignore[arg-type]
+    assert CLIPPED_METRIC not in fixed.content["metrics"]  # type: ignore[operator]
+
+
+def _adaptive(noise: float = 1.0, sites: int = 100) -> PrivateRelease:
+    return PrivateRelease(DpSettings(
+        noise_multiplier=noise, clipping_norm=1.0, delta=1e-5, min_sites=sites,
+        adaptive=AdaptiveClipping(target_quantile=0.5, learning_rate=0.2,
+                                  count_stddev=sites / 20)))  # fmt: skip
+
+
+def test_adaptive_clipping_follows_the_target_quantile_of_the_update_norms() -> None:
+    # All clipped: the norm was too small and grows; none clipped: it shrinks (Andrew et al.'s
+    # C <- C exp(-lr (unclipped fraction - quantile)); 100 sites keep the count noise small).
+    grows, shrinks = _adaptive(), _adaptive()
+    for _ in range(3):
+        grows.adapt([True] * 100)
+        shrinks.adapt([False] * 100)
+    assert grows.clipping_norm == pytest.approx(np.exp(0.3), rel=0.1)
+    assert shrinks.clipping_norm == pytest.approx(np.exp(-0.3), rel=0.1)
+    # The count spends privacy, so the update noise is above the nominal multiplier.
+    z_u = (1.0**-2 - (2 * 5.0) ** -2) ** -0.5
+    assert grows.update_noise == pytest.approx(z_u) and z_u > 1.0
+
+
+def test_a_round_is_noised_for_the_norm_the_sites_clipped_at() -> None:
+    release = _adaptive(noise=1.0, sites=100)
+    arrays, spent = release.release(_weights(np.zeros(200_000)), clipped=[True] * 100)
+    noised = arrays[WEIGHTS].numpy()
+    assert noised.std() == pytest.approx(release.update_noise * 1.0 / 100, rel=0.02)
+    assert spent["clipping_norm"] == 1.0
+    assert spent["next_clipping_norm"] == release.clipping_norm > 1.0
+    with pytest.raises(ValueError, match="clipped flag"):
+        release.release(_weights(np.zeros(4)))
+
+
+def test_adaptive_clipping_refuses_a_count_noise_too_small_for_the_budget() -> None:
+    with pytest.raises(ConfigError, match=r"dp-count-stddev above 0\.5"):
+        RunConfig(dp_noise_multiplier=1.0, dp_clipping="adaptive", min_train_sites=3)
+    with pytest.raises(ConfigError, match="dp-clipping 'auto' unknown"):
+        RunConfig(dp_noise_multiplier=1.0, dp_clipping="auto")
+    run = RunConfig(dp_noise_multiplier=1.0, dp_clipping="adaptive", dp_count_stddev=0.6)
+    assert run.count_stddev == 0.6
+
+
+class _ClippingSites(_Sites):
+    """Sites whose replies pass the real clipping mod (each update has norm sqrt(size))."""
+
+    def _answer(self, msg: Message, server_round: int) -> Message:
+        def site(m: Message, _: Context) -> Message:
+            return super(_ClippingSites, self)._answer(m, server_round)
+
+        return clipping_mod(msg, _context(), site)  # type: ignore[arg-type]
+
+
+def test_an_adaptive_study_moves_the_norm_and_a_resume_continues_it(tmp_path: Path) -> None:
+    run = _run(
+        tmp_path,
+        dp_noise_multiplier=0.1,
+        dp_clipping="adaptive",
+        dp_clipping_norm=1.0,
+        local_steps=2,
+    )
+    run_dir = Path(run.run_dir)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(run, run_dir, _ClippingSites(crash_in_round=3))  # type: ignore[arg-type]
+    sites = _ClippingSites()
+    run_study(replace(run, resume=True), run_dir, sites)  # type: ignore[arg-type]
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    used = [r["privacy"]["clipping_norm"] for r in rounds]
+    # Every update (norm in the hundreds) is clipped, so the norm grows each round, and the
+    # resumed round 3 clips at the norm round 2 left.
+    assert used[0] == 1.0 and used == sorted(used) and len(set(used)) == 3
+    assert used[2] == rounds[1]["privacy"]["next_clipping_norm"]
+    assert {c[KEY_CLIPPING_NORM] for c in sites.train_configs} == {used[2]}
+    assert rounds[-1]["privacy"]["releases"] == 3
+
+
+def test_an_adaptive_round_refuses_an_update_that_does_not_say_it_was_clipped(
+    tmp_path: Path,
+) -> None:
+    run = _run(
+        tmp_path,
+        dp_noise_multiplier=0.1,
+        dp_clipping="adaptive",
+        num_server_rounds=1,
+        local_steps=2,
+    )
+    with pytest.raises(RuntimeError, match=r"did not say whether its update was clipped"):
+        run_study(run, Path(run.run_dir), _Sites())  # type: ignore[arg-type]
