@@ -419,8 +419,14 @@ def _facts(
             "differential privacy",
             f"epsilon {_fmt(last.get('epsilon'), '.2f')} at delta {last.get('delta', '?')} after "
             f"{last.get('releases', '?')} releases (noise multiplier "
-            f"{last.get('noise_multiplier', '?')}, clipping norm {last.get('clipping_norm', '?')}; "
-            "user-level: one user is one site)",
+            f"{last.get('noise_multiplier', '?')}, {last.get('clipping', 'fixed')} clipping, last "
+            f"norm {_fmt(last.get('clipping_norm'), '.3g')}; user-level: one user is one site)",
+        ))  # fmt: skip
+    if config.get("secure-aggregation"):
+        facts.append((
+            "secure aggregation",
+            "SecAgg+: the server saw only the case-weighted mean of the sites' models "
+            f"(threshold {config.get('secagg-threshold', '?')} of the shares)",
         ))  # fmt: skip
     if metrics.get("audit"):
         facts.append(("audit trail", str(metrics["audit"])))

@@ -45,6 +45,7 @@ from fedseg.records import (
     summary_metrics,
     unpack_weights,
 )
+from fedseg.secure import secure_aggregation_mod
 from fedseg.task.data import training_batches
 from fedseg.task.device import resolve_device
 from fedseg.task.model import build_model
@@ -54,7 +55,8 @@ from fedseg.task.validate import SiteValidation, validate_models
 
 # The egress guard sees every reply last: nothing but weights and aggregate metrics leaves.
 # Mods run outermost first: the reply is clipped (under DP), then checked, then sent.
-app = ClientApp(mods=[egress_guard, clipping_mod])
+# The guard sees each reply last, after SecAgg+ masked it and after DP clipping.
+app = ClientApp(mods=[egress_guard, secure_aggregation_mod, clipping_mod])
 
 
 class SiteDeclinedError(Exception):

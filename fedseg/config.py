@@ -25,6 +25,7 @@ STRATEGIES = (
 # noise added after it would not be calibrated (and before it is not what Flower exposes).
 DP_STRATEGIES = ("fedavg", "fedprox", "fedbn")
 DP_CLIPPING = ("fixed", "adaptive")
+SECAGG_STRATEGIES = ("fedavg", "fedprox")
 # A site's compute device: auto (a CUDA GPU when torch sees one), cpu, cuda, cuda:N.
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MODES = ("train", "evaluate", "cross-site")
@@ -77,6 +78,15 @@ class RunConfig:
     dp_target_quantile: float = 0.5
     dp_clip_lr: float = 0.2
     dp_count_stddev: float = 0.0
+    # Secure aggregation (SecAgg+, fedseg.secure; fedavg and fedprox): the server learns only
+    # the weighted mean. Each site's secrets are split among secagg-shares of the round's
+    # sites, secagg-threshold of the shares recover them (the dropout tolerance); weights are
+    # clipped to +-secagg-clipping-range, and no site may weigh (cases) over secagg-max-weight.
+    secure_aggregation: bool = False
+    secagg_shares: float = 1.0
+    secagg_threshold: float = 0.67
+    secagg_clipping_range: float = 8.0
+    secagg_max_weight: float = 1000.0
     # Cyclic: the order the model visits the sites in each round, comma-separated site names
     # ("": by site name). A site not named is not visited.
     site_order: str = ""
@@ -127,6 +137,8 @@ class RunConfig:
             self._check_fedbn()
         if self.private:
             self._check_dp()
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
         if self.site_order and self.strategy != "cyclic":
             raise ConfigError(f"site-order is for strategy cyclic, not {self.strategy}")
         named = self.site_sequence
@@ -166,6 +178,27 @@ class RunConfig:
                 "a fedbn study cannot resume: each site's normalisation was kept in the "
                 "interrupted run's site state"
             )
+
+    def _check_secure_aggregation(self) -> None:
+        # The server sees only the masked sum: whatever needs one site's update is out.
+        if self.strategy not in SECAGG_STRATEGIES:
+            raise ConfigError(
+                f"secure aggregation gives the server only the weighted mean; strategy "
+                f"{self.strategy} needs more (use one of {SECAGG_STRATEGIES})"
+            )
+        if self.private:
+            raise ConfigError(
+                "secure aggregation with differential privacy is not supported: fedseg's DP "
+                "checks each site's clipping and steps at the server, which SecAgg+ hides"
+            )
+        if self.min_train_sites < 2:
+            raise ConfigError(
+                "secure aggregation needs min-train-sites >= 2 (one site hides nothing)"
+            )
+        if not 0 < self.secagg_shares <= 1 or not 0 < self.secagg_threshold <= 1:
+            raise ConfigError("secagg-shares and secagg-threshold must be in (0, 1]")
+        if self.secagg_clipping_range <= 0 or self.secagg_max_weight <= 0:
+            raise ConfigError("secagg-clipping-range and secagg-max-weight must be > 0")
 
     def _check_dp(self) -> None:
         if self.strategy not in DP_STRATEGIES:

@@ -25,8 +25,9 @@ from flwr.serverapp import Grid
 
 from evaluation.regions import REGION_NAMES
 from fedseg.config import RunConfig
+from fedseg.exchange import exchange
 from fedseg.records import METRICS, site_entry
-from fedseg.rounds import exchange, wait_for_sites
+from fedseg.rounds import wait_for_sites
 from fedseg.strategies import MetricsBook, RoundRecord
 
 #: The row of the federated (global) model.

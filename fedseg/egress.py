@@ -40,6 +40,7 @@ from evaluation.summary import STATISTICS
 from fedseg.config import ConfigError, RunConfig, SiteConfig
 from fedseg.privacy import CLIPPED_METRIC
 from fedseg.records import METRICS, WEIGHTS, content_digest, decline_reply, update_problem
+from fedseg.secure import reply_problems as secure_reply_problems
 
 TRAIN_METRICS = frozenset(
     {
@@ -73,6 +74,8 @@ class EgressPolicy:
 
     weights_size: int
     share_per_case: bool
+    # SecAgg+ (fedseg.secure): training replies carry the protocol's records instead.
+    secure_aggregation: bool = False
 
 
 def policy_for(run: RunConfig, site: SiteConfig) -> EgressPolicy:
@@ -80,6 +83,7 @@ def policy_for(run: RunConfig, site: SiteConfig) -> EgressPolicy:
     return EgressPolicy(
         weights_size=_weights_size(run.model_preset, run.keeps_norm_local),
         share_per_case=site.consent.share_per_case,
+        secure_aggregation=run.secure_aggregation,
     )
 
 
@@ -96,7 +100,12 @@ def reply_problems(content: RecordDict, *, kind: str, policy: EgressPolicy) -> l
     """Why ``content`` may not leave the site (empty: it may). The texts stay at the site."""
     problems = []
     for name, record in content.items():
-        if name == "site" and isinstance(record, ConfigRecord):
+        secure = None
+        if policy.secure_aggregation and kind.startswith("train"):
+            secure = secure_reply_problems(name, record, weights_size=policy.weights_size)
+        if secure is not None:
+            problems += secure
+        elif name == "site" and isinstance(record, ConfigRecord):
             problems += _identity_problems(record)
         elif name == "arrays" and isinstance(record, ArrayRecord) and kind.startswith("train"):
             problems += _weights_problems(record, size=policy.weights_size)

@@ -16,8 +16,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedseg.config import RunConfig
+from fedseg.exchange import exchange
 from fedseg.records import site_entry
-from fedseg.rounds import exchange
 from fedseg.strategies import MetricsBook, RoundRecord
 
 VERSIONS = ("global", "personalised")

@@ -11,68 +11,22 @@ and per-phase timeout, and polls the grid every fraction of a second instead of 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedseg.exchange import POLL_SECONDS, exchange
+from fedseg.secure import secure_round, training_replies
 from fedseg.strategies import MetricsBook, RecordingCyclic, too_few_trained
-
-POLL_SECONDS = 0.2
 
 
 class SitesMissingError(RuntimeError):
     """Too few sites connected within ``wait-for-sites`` seconds."""
-
-
-def _no_reply(msg: Message, reason: str) -> Message:
-    """An error reply, from the site ``msg`` went to, for a reply that never came."""
-    reply = Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=msg)
-    reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
-    return reply
-
-
-def exchange(
-    grid: Grid, messages: Iterable[Message], *, timeout_s: float, poll_s: float = POLL_SECONDS
-) -> list[Message]:
-    """Send ``messages``; return one reply per message within ``timeout_s``.
-
-    A site that does not answer in time gets an error reply in its name (so it is recorded as
-    that site's failure), and its message expires then (TTL), so a slow site never works on a
-    round the study has left. One whose SuperNode died is answered by the SuperLink once its
-    heartbeat lapses, from the SuperLink's own id: that failure too is put under the site.
-    """
-    messages = list(messages)
-    for msg in messages:
-        msg.metadata.ttl = float(timeout_s)
-    ids = list(grid.push_messages(messages))
-    # The SuperLink gives "" (or no id at all) for a message it did not store.
-    ids += [""] * (len(messages) - len(ids))
-    sent = {i: m for i, m in zip(ids, messages, strict=True) if i}
-    refused = "the SuperLink did not accept the message for this site"
-    replies = [_no_reply(m, refused) for i, m in zip(ids, messages, strict=True) if not i]
-    pending = set(sent)
-    deadline = time.monotonic() + timeout_s
-    while pending and time.monotonic() < deadline:
-        arrived = list(grid.pull_messages(pending))
-        for reply in arrived:
-            if reply.metadata.src_node_id == SUPERLINK_NODE_ID:
-                original = sent.get(reply.metadata.reply_to_message_id)
-                if original is not None:
-                    reply.metadata.__dict__["_src_node_id"] = original.metadata.dst_node_id
-        replies.extend(arrived)
-        pending -= {m.metadata.reply_to_message_id for m in arrived}
-        if pending:
-            time.sleep(poll_s)
-    for message_id in sorted(pending):
-        reason = f"no reply within round-timeout ({timeout_s:.0f} s)"
-        replies.append(_no_reply(sent[message_id], reason))
-    return replies
 
 
 def wait_for_sites(grid: Grid, *, minimum: int, timeout_s: float) -> list[int]:
@@ -140,6 +94,9 @@ def run_rounds(
         if isinstance(strategy, RecordingCyclic):
             arrays = cyclic_round(strategy, grid, server_round=server_round, arrays=arrays,
                                   plan=plan)  # fmt: skip
+        elif getattr(strategy, "secure", None) is not None:
+            arrays = secure_train(strategy, grid, server_round=server_round, arrays=arrays,
+                                  plan=plan)  # fmt: skip
         else:
             sites = _sites(grid, plan)
             train = strategy.configure_train(server_round, arrays, ConfigRecord(), sites)
@@ -154,6 +111,32 @@ def run_rounds(
             server_round, exchange(grid, evaluate, timeout_s=plan.round_timeout_s)
         )
         on_round(server_round, arrays)
+    return arrays
+
+
+def secure_train(
+    strategy: Strategy, grid: Grid, *, server_round: int, arrays: ArrayRecord, plan: RoundPlan
+) -> ArrayRecord:
+    """A training phase through SecAgg+ (:mod:`fedseg.secure`): the same sites and train
+    config as a plain round, the weighted mean unmasked at the server, each site's summary
+    recorded. Fewer than ``min-train-sites`` trained sites, or a protocol that halted (too
+    many dropouts for the threshold), keep the round's starting model."""
+    book: MetricsBook = strategy.book  # type: ignore[attr-defined]
+    train = list(strategy.configure_train(server_round, arrays, ConfigRecord(), _sites(grid, plan)))
+    result = secure_round(train, grid, server_round=server_round, arrays=arrays,
+                          settings=strategy.secure, timeout_s=plan.round_timeout_s)  # type: ignore[attr-defined]  # fmt: skip
+    trained = book.record_train(server_round, training_replies(result.replies), masked=True)
+    required = int(getattr(strategy, "min_train_nodes", 2))
+    record = book.round_record(server_round)
+    if len(trained) < required:
+        record.not_aggregated = too_few_trained(len(trained), required)
+    elif result.mean is None:
+        record.not_aggregated = (
+            "secure aggregation halted (too few sites answered for the reconstruction "
+            "threshold); the global model is unchanged"
+        )
+    else:
+        return result.mean
     return arrays
 
 

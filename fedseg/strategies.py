@@ -35,6 +35,7 @@ from fedseg.privacy import (
     PrivateRelease,
 )
 from fedseg.records import METRICS, WEIGHTS, content_digest, declined, site_entry, update_problem
+from fedseg.secure import SecAggSettings
 
 
 @dataclass
@@ -146,15 +147,19 @@ class MetricsBook:
             assert isinstance(identity, ConfigRecord)
             yield msg, site, identity
 
-    def record_train(self, server_round: int, replies: list[Message]) -> dict[int, ArrayRecord]:
+    def record_train(
+        self, server_round: int, replies: list[Message], *, masked: bool = False
+    ) -> dict[int, ArrayRecord]:
         """Note each site's training summary, or its failure; return the trained arrays of
-        the good replies by node id."""
+        the good replies by node id. ``masked``: secure aggregation, whose replies carry
+        the summary beside a masked vector and no weights to check."""
         record = self.round_record(server_round)
         trained: dict[int, ArrayRecord] = {}
         for msg, site, identity in self.successes(record, replies, "train"):
             m, arrays = msg.content["metrics"], msg.content["arrays"]
             assert isinstance(m, MetricRecord) and isinstance(arrays, ArrayRecord)
-            problem = update_problem(arrays, size=self.weights_size) if self.weights_size else None
+            checked = self.weights_size and not masked
+            problem = update_problem(arrays, size=self.weights_size) if checked else None
             if problem:
                 record.failures.append({"site": site, "phase": "train", "reason": problem})
                 continue
@@ -293,6 +298,8 @@ class _Recording:
     privacy: PrivateRelease | None = None
     # With DP every site weighs the same; an update claiming other work is refused.
     expected_steps: int = 0
+    # Secure aggregation (fedseg.secure): training rounds run SecAgg+ (None: plain).
+    secure: SecAggSettings | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
@@ -497,6 +504,10 @@ def build_strategy(run: RunConfig, *, book: MetricsBook) -> Strategy:
             delta=run.dp_delta, min_sites=run.min_train_sites,
             adaptive=_adaptive(run)))  # fmt: skip
         strategy.expected_steps = run.local_steps
+    if run.secure_aggregation:
+        strategy.secure = SecAggSettings(shares=run.secagg_shares, threshold=run.secagg_threshold,
+                                         clipping_range=run.secagg_clipping_range,
+                                         max_weight=run.secagg_max_weight)  # fmt: skip
     if isinstance(strategy, RecordingCyclic):
         strategy.order = run.site_sequence
     assert isinstance(strategy, Strategy)

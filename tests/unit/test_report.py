@@ -374,4 +374,8 @@ def test_privacy_spent_and_the_audit_are_among_the_facts() -> None:
     text = markdown_report(metrics, title="t")
     assert "differential privacy: epsilon 7.00 at delta 1e-05 after 2 releases" in text
     assert "audit trail: 5 records chained" in text
+    assert "fixed clipping, last norm 0.5" in text
     assert "differential privacy" not in markdown_report(_metrics(), title="t")
+    assert "secure aggregation" not in text
+    metrics["config"] = {**metrics.get("config", {}), "secure-aggregation": True}
+    assert "secure aggregation: SecAgg+" in markdown_report(metrics, title="t")

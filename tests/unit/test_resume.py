@@ -150,7 +150,7 @@ def test_a_silent_site_answered_for_by_the_superlink_is_named() -> None:
     from flwr.app import Error
     from flwr.common.constant import SUPERLINK_NODE_ID
 
-    from fedseg.rounds import exchange
+    from fedseg.exchange import exchange
     from fedseg.strategies import MetricsBook
 
     class _OneDies(_Sites):
