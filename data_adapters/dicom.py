@@ -23,7 +23,13 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from data_adapters.dicom_volume import FrameHeader, build_image, frame_headers, plan_stack
+from data_adapters.dicom_volume import (
+    FrameHeader,
+    Stack,
+    build_image,
+    frame_headers,
+    plan_stack,
+)
 from data_adapters.errors import DataError
 
 #: SOP class of a DICOMDIR (media storage directory): an index, not an image.
@@ -127,6 +133,16 @@ def read_series(folder: Path, *, series_uid: str | None = None) -> sitk.Image:
         Naming the folder or file and the reason: no or several series, an unknown uid, a
         stack no regular grid holds, undecodable or missing pixel data.
     """
+    return build_image(series_stack(folder, series_uid=series_uid))
+
+
+def series_stack(folder: Path, *, series_uid: str | None = None) -> Stack:
+    """The checked grid of one series, from its headers alone (what :func:`read_series` fills).
+
+    Its frames come in slice order with their files; origin, spacing and direction are the
+    ones :func:`read_series` gives the image.  Parameters and refusals are
+    :func:`read_series`'s, less the pixel decoding.
+    """
     folder = Path(folder)
     groups = _series(folder)
     records = groups[_pick(folder, groups, series_uid)]
@@ -134,7 +150,7 @@ def read_series(folder: Path, *, series_uid: str | None = None) -> sitk.Image:
     if not frames:
         info = _merge(records)
         raise DataError(folder, f"series {info.describe()} holds no images ({info.modality})")
-    return build_image(plan_stack(frames, folder))
+    return plan_stack(frames, folder)
 
 
 def _pick(folder: Path, groups: dict[str, list[_FileRecord]], series_uid: str | None) -> str:
