@@ -184,7 +184,9 @@ def _answer(
         log(ERROR, "%s failed at this site, declining", action, exc_info=True)
         reason = f"the site could not complete {action}; details are in the site's log"
         return decline_reply(msg, site=manifest.site, reason=reason, kind="invalid-data")
-    content["site"] = identity_record(manifest.site, manifest.fingerprint)
+    content["site"] = identity_record(
+        manifest.site, manifest.fingerprint, harmonisation=manifest.parameters
+    )
     return Message(content=content, reply_to=msg)
 
 

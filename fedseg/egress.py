@@ -35,6 +35,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 
+from data_adapters.harmonise import harmonisation_parameters
 from evaluation.regions import REGION_NAMES
 from evaluation.summary import STATISTICS
 from fedseg.config import ConfigError, RunConfig, SiteConfig
@@ -56,7 +57,7 @@ SUMMARY_METRICS = frozenset(
     {"num-examples"} | {f"{m}-{r}-{s}" for m in METRICS for r in REGION_NAMES for s in STATISTICS}
 )
 CASE_METRICS = frozenset(f"{m}-{r}-cases" for m in METRICS for r in REGION_NAMES)
-IDENTITY_KEYS = frozenset({"site", "fingerprint", "declined", "decline-kind"})
+IDENTITY_KEYS = frozenset({"site", "fingerprint", "declined", "decline-kind", "harmonisation"})
 _SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 # Plain words only: a path needs "/" or "\", a case id or date needs digits.
@@ -129,7 +130,41 @@ def _identity_problems(record: ConfigRecord) -> list[str]:
             problems.append(f"identity '{key}' is not of the allowed form: {value!r}")
     if record.get("decline-kind") not in (None, "invalid-data", "abstain"):
         problems.append(f"decline-kind {record.get('decline-kind')!r} is not allowed")
+    if "harmonisation" in record:
+        problems += _harmonisation_problems(record["harmonisation"])
     return problems
+
+
+def _harmonisation_problems(value: object) -> list[str]:
+    """The harmonisation parameters: exactly fedseg's keys, numbers where fedseg has numbers,
+    and fedseg's own fixed text where it has text (so nothing else can ride along)."""
+    reference = harmonisation_parameters(target_spacing=(1.0, 1.0, 1.0))
+    try:
+        given = json.loads(str(value))
+    except json.JSONDecodeError:
+        return ["identity 'harmonisation' is not JSON"]
+    if not isinstance(given, dict) or set(given) != set(reference):
+        return ["identity 'harmonisation' does not hold exactly fedseg's harmonisation keys"]
+    problems = []
+    for key, expected in reference.items():
+        if not _same_form(given[key], expected, free_text=key == "harmonise_version"):
+            problems.append(f"harmonisation '{key}' is not of the allowed form: {given[key]!r}")
+    return problems
+
+
+def _same_form(value: Any, expected: Any, *, free_text: bool) -> bool:
+    if isinstance(expected, bool) or expected is None:
+        return isinstance(value, bool) or value is None
+    if isinstance(expected, int | float):
+        return (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        )
+    if isinstance(expected, list):
+        return isinstance(value, list) and len(value) == len(expected) and all(
+            _same_form(v, e, free_text=False) for v, e in zip(value, expected, strict=True)
+        )  # fmt: skip
+    return value == expected or (free_text and isinstance(value, str | int) and
+                                 bool(_SITE_NAME.fullmatch(str(value))))  # fmt: skip
 
 
 def _weights_problems(record: ArrayRecord, *, size: int) -> list[str]:

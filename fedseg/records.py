@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from data_adapters.harmonise import harmonisation_parameters
 from evaluation.regions import REGION_NAMES
 from evaluation.summary import STATISTICS
 from fedseg.task.validate import VALIDATION_METRICS
@@ -140,9 +141,23 @@ def _statistics(m: MetricRecord, prefix: str, n_cases: int) -> dict[str, Any]:
     return stats
 
 
-def identity_record(site: str, fingerprint: str) -> ConfigRecord:
-    """Who replied: the site's name and its dataset fingerprint (never a file name)."""
-    return ConfigRecord({"site": site, "fingerprint": fingerprint})
+def identity_record(
+    site: str, fingerprint: str, *, harmonisation: Mapping[str, Any] | None = None
+) -> ConfigRecord:
+    """Who replied: the site's name, its dataset fingerprint (never a file name) and the
+    parameters it harmonised its data with (spacing, orientation, normalisation: what a
+    model trained on it needs from a new scan; :func:`harmonisation_contract`)."""
+    record = ConfigRecord({"site": site, "fingerprint": fingerprint})
+    if harmonisation is not None:
+        record["harmonisation"] = json.dumps(harmonisation_contract(harmonisation), sort_keys=True)
+    return record
+
+
+def harmonisation_contract(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """Of a manifest's parameters, those that decide the canonical data (not the site's
+    split)."""
+    keys = harmonisation_parameters(target_spacing=(1.0, 1.0, 1.0))
+    return {k: parameters[k] for k in keys if k in parameters}
 
 
 def decline_reply(msg: Message, *, site: str, reason: str, kind: DeclineKind) -> Message:

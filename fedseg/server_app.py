@@ -4,7 +4,7 @@ evaluation-only and cross-site validation runs."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,9 @@ from fedseg.resume import (
     study_lock,
 )
 from fedseg.rounds import RoundPlan, run_rounds
-from fedseg.strategies import MetricsBook, build_strategy
+from fedseg.strategies import MetricsBook, build_strategy, training_harmonisation
 from fedseg.study_audit import file_entry, round_fields, study_start, weights_hash
+from fedseg.task.artifact import describe_artifact
 from fedseg.task.model import build_model
 from fedseg.task.sharing import load_partial, normalisation_keys, travelling_state
 
@@ -145,7 +146,7 @@ def run_study(run: RunConfig, run_dir: Path, grid: Grid) -> None:
     book = MetricsBook(weights_size=size)
     trail = AuditTrail(run_dir)
     info = getattr(grid, "run", None)
-    study_start(trail, run=run, run_info=info, run_id=int(getattr(info, "run_id", 0) or 0))
+    study_start(trail, run=run, run_info=info, run_id=_run_id(grid))
     writer = RoundWriter(run_dir, book, run, initial=initial_model_record(run, run_dir),
                          trail=trail)  # fmt: skip
     try:
@@ -213,7 +214,11 @@ def run_training(
         on_round=writer,
     )
     if run.mode == "train":
-        files = save_final_model(run_dir, run, book, arrays)
+        files = save_final_model(run_dir, run, book, arrays, provenance={
+            "run_id": _run_id(grid), "strategy": run.strategy, "fedseg_version": __version__,
+            # The model follows this audit record: the file and the trail vouch for each other.
+            "audit_seq": writer.trail.seq - 1, "audit_hash": writer.trail.last,
+        })  # fmt: skip
         if run.personalise_steps:
             writer.personalisation = run_personalisation(grid, arrays=arrays, run=run, book=book)
             writer.trail.append("personalisation", **_personal_dice(writer.personalisation))
@@ -265,9 +270,14 @@ def initial_model(run: RunConfig) -> torch.nn.Module:
     return model
 
 
+def _run_id(grid: Grid) -> int:
+    return int(getattr(getattr(grid, "run", None), "run_id", 0) or 0)
+
+
 def save_final_model(
-    run_dir: Path, run: RunConfig, book: MetricsBook, arrays: ArrayRecord
-) -> list[dict[str, str]]:
+    run_dir: Path, run: RunConfig, book: MetricsBook, arrays: ArrayRecord, *,
+    provenance: Mapping[str, Any],
+) -> list[dict[str, str]]:  # fmt: skip
     """Write ``model.pt`` and ``model.json``; refuse when no site ever trained. Return the
     audit's file entries of both."""
     if not any(r.train for r in book.rounds.values()):
@@ -275,7 +285,13 @@ def save_final_model(
         reason = failures[0]["reason"] if failures else "no site replied"
         raise RuntimeError(f"no site completed a training round (first failure: {reason})")
     path = run_dir / "model.pt"
-    save_model(path, state_dict(arrays, run), run=run, trained_on="federation")
+    harmonisation, differences = training_harmonisation(book)
+    trained = {s: e["fingerprint"] for r in book.rounds.values() for s, e in r.train.items()}
+    provenance = {**provenance, "final_round": max(book.rounds, default=0),
+                  "site_fingerprints": dict(sorted(trained.items()))}  # fmt: skip
+    save_model(path, state_dict(arrays, run), run=run, trained_on="federation",
+               harmonisation=harmonisation, provenance=provenance,
+               conflict=differences)  # fmt: skip
     return [_file(path, run_dir), _file(path.with_suffix(".json"), run_dir)]
 
 
@@ -290,7 +306,9 @@ def save_local_models(
     files = []
     for site, arrays in models.items():
         path = run_dir / "local-models" / f"{site}.pt"
-        save_model(path, state_dict(arrays, run), run=run, trained_on=site)
+        # Trained at one site in cross-site validation; its harmonisation was not reported.
+        save_model(path, state_dict(arrays, run), run=run, trained_on=site, harmonisation=None,
+                   provenance={"fedseg_version": __version__})  # fmt: skip
         files.append(_file(path, run_dir))
     return files
 
@@ -309,18 +327,21 @@ def state_dict(arrays: ArrayRecord, run: RunConfig) -> dict[str, torch.Tensor]:
 
 
 def save_model(
-    path: Path, state: Mapping[str, torch.Tensor], *, run: RunConfig, trained_on: str
-) -> None:
-    """Weights plus the ``.json`` beside them that names the network and how it was trained
-    (what ``fedseg evaluate`` and cross-site validation read)."""
+    path: Path, state: Mapping[str, torch.Tensor], *, run: RunConfig, trained_on: str,
+    harmonisation: Mapping[str, Any] | None, provenance: Mapping[str, Any],
+    conflict: Sequence[str] = (),
+) -> None:  # fmt: skip
+    """Weights plus the ``.json`` beside them: the model artefact
+    (:mod:`fedseg.task.artifact`: network, harmonisation, labels, provenance) and how it was
+    trained (what ``fedseg evaluate`` and cross-site validation read)."""
     digest = save_weights(path, state)
+    artifact = describe_artifact(weights=path, sha256=digest, preset=run.model_preset,
+                                 roi_size=run.patch_size, harmonisation=harmonisation,
+                                 provenance={**provenance, "trained_on": trained_on})  # fmt: skip
     write_json(
         path.with_suffix(".json"),
         {
-            "weights": path.name,
-            "sha256": digest,
-            "model_preset": run.model_preset,
-            "patch_size": run.patch_size,
+            **artifact,
             "rounds": run.num_server_rounds,
             "local_steps": run.local_steps,
             "batch_size": run.batch_size,
@@ -331,5 +352,7 @@ def save_model(
             # FedBN: these layers hold the initialisation; each site's own never left it.
             "site_local_layers": "normalisation" if run.keeps_norm_local else "",
             "fedseg_version": __version__,
+            # The sites' spacings when they differ (the model then has no one harmonisation).
+            **({"harmonisation_conflict": list(conflict)} if conflict else {}),
         },
     )

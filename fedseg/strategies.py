@@ -7,6 +7,7 @@ hospital did. The strategies here are Flower's own, with ``aggregate_train`` and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,6 +172,9 @@ class MetricsBook:
                 "steps": int(m["local-steps"]),  # type: ignore[arg-type]
                 "seconds": float(m["train-seconds"]),  # type: ignore[arg-type]
             }
+            if "harmonisation" in identity:
+                harmonisation = json.loads(str(identity["harmonisation"]))
+                record.train[site]["harmonisation"] = harmonisation
             trained[msg.metadata.src_node_id] = arrays
         return trained
 
@@ -283,6 +287,18 @@ def clipped_flags(replies: list[Message]) -> dict[int, bool]:
         if isinstance(metrics, MetricRecord) and CLIPPED_METRIC in metrics:
             flags[msg.metadata.src_node_id] = bool(metrics[CLIPPED_METRIC])
     return flags
+
+
+def training_harmonisation(book: MetricsBook) -> tuple[dict[str, Any] | None, list[str]]:
+    """The harmonisation every site that trained used, or None and the sites' differences
+    (a model trained on two spacings has no one way to prepare a new scan)."""
+    by_site = {site: entry["harmonisation"] for record in book.rounds.values()
+               for site, entry in record.train.items() if "harmonisation" in entry}  # fmt: skip
+    distinct = {json.dumps(h, sort_keys=True) for h in by_site.values()}
+    if len(distinct) == 1:
+        return json.loads(distinct.pop()), []
+    spacings = [f"{site}: {h.get('target_spacing_mm')}" for site, h in sorted(by_site.items())]
+    return None, spacings
 
 
 class _Recording:
