@@ -351,6 +351,89 @@ def _print_cross_site(cross: dict[str, Any]) -> None:
 
 @app.command()
 @friendly_errors
+def predict(
+    model: Annotated[Path, typer.Option(help="The model: model.json (model.pt beside it).")],
+    input: Annotated[
+        Path,
+        typer.Option(
+            "--input",
+            help="A case folder (any layout fedseg reads, or a DICOM study); with "
+            "--batch, a raw site folder.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder (with --batch: one per case).")],
+    batch: Annotated[bool, typer.Option(help="Predict every case of a raw site folder.")] = False,
+    case: Annotated[
+        str | None, typer.Option(help="The case id, for layouts that keep cases as files.")
+    ] = None,
+    layout: Annotated[str | None, typer.Option(help="Layout name; detected when omitted.")] = None,
+    label_scheme: Annotated[
+        str, typer.Option(help="Output labels: brats2023 (3 = ET) or brats2021 (4 = ET).")
+    ] = "brats2023",
+    mirror: Annotated[
+        bool, typer.Option(help="Test-time mirroring: mean over 8 flips (8x slower).")
+    ] = False,
+    keep_canonical: Annotated[
+        bool, typer.Option(help="Also keep the harmonised scans and labels (OUT/canonical/).")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Segment a new patient's scans with a trained model, on the scan's own grid.
+
+    Writes seg.nii.gz (the input t1n's shape and affine), volumes.json (ml per label and
+    region) and, for DICOM input, seg.dcm (DICOM-SEG referencing the t1n series). The scans
+    are harmonised with the parameters the model records, never with flags.
+    """
+    from rich.progress import track
+
+    from fedseg.task.artifact import load_artifact
+    from fedseg.task.device import resolve_device
+    from fedseg.task.predict import (
+        CaseFailure,
+        PredictOptions,
+        find_case,
+        output_values,
+        predict_case,
+        predict_one_of_many,
+        site_cases,
+    )
+
+    artifact = load_artifact(model)
+    output_values(label_scheme)  # refuse an unusable scheme before any work
+    network = artifact.network(resolve_device(device))
+    options = PredictOptions(label_scheme=label_scheme, mirror=mirror,
+                             keep_canonical=keep_canonical)  # fmt: skip
+    if not batch:
+        result = predict_case(artifact, network, find_case(input, case_id=case, layout=layout),
+                              out, options=options)  # fmt: skip
+        _print_prediction(result)
+        return
+    cases, failures = site_cases(input, layout=layout)
+    for raw in track(cases, description="predicting", console=console):
+        outcome = predict_one_of_many(artifact, network, raw, out, options=options)
+        if isinstance(outcome, CaseFailure):
+            failures.append(outcome)
+        else:
+            _print_prediction(outcome)
+    for failure in failures:
+        console.print(
+            f"[yellow]failed[/yellow] {failure.case_id}: {failure.reason}", highlight=False
+        )
+    console.print(f"[green]done[/green]: {len(cases) - len(failures)} cases predicted into {out}, "
+                  f"{len(failures)} failed")  # fmt: skip
+    if failures and len(failures) >= len(cases):
+        raise typer.Exit(1)
+
+
+def _print_prediction(result: Any) -> None:
+    volumes = json.loads(result.volumes.read_text())["regions"]
+    sizes = ", ".join(f"{r} {v:.1f} ml" for r, v in volumes.items())
+    extra = f", {result.dicom_seg.name}" if result.dicom_seg else ""
+    console.print(f"{result.case_id}: {result.seg}{extra} ({sizes})", highlight=False)
+
+
+@app.command()
+@friendly_errors
 def report(
     run_dir: Annotated[
         Path | None, typer.Argument(help="Run folder holding metrics.json (or the file).")

@@ -58,6 +58,7 @@ class ModelArtifact:
     """A checked ``model.pt`` + ``model.json``."""
 
     weights: Path
+    sha256: str
     preset: str
     roi_size: int
     overlap: float
@@ -152,6 +153,7 @@ def load_artifact(path: Path) -> ModelArtifact:
     inference = meta["inference"]
     return ModelArtifact(
         weights=weights,
+        sha256=digest,
         preset=str(meta["model_preset"]),
         roi_size=int(inference["roi_size"]),
         overlap=float(inference["overlap"]),

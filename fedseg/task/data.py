@@ -59,7 +59,7 @@ class LabelToRegionsd(MapTransform):
         return d
 
 
-def _nifti_loader() -> LoadImaged:
+def _nifti_loader(keys: Sequence[str] = ("image", "label")) -> LoadImaged:
     # MONAI builds its GPU DICOM reader even for a named NIfTI reader and warns, each time,
     # that the GPU codec is missing: noise in every site's log, irrelevant to NIfTI.
     with warnings.catch_warnings():
@@ -69,17 +69,18 @@ def _nifti_loader() -> LoadImaged:
         plugin_log.setLevel(logging.ERROR)
         try:
             # Canonical data is NIfTI only; naming the reader also skips probing the others.
-            return LoadImaged(keys=["image", "label"], reader="NibabelReader", image_only=False)
+            return LoadImaged(keys=list(keys), reader="NibabelReader", image_only=False)
         finally:
             plugin_log.setLevel(level)
 
 
-def load_transforms() -> Compose:
-    """Deterministic loading shared by training and validation."""
+def load_transforms(keys: Sequence[str] = ("image", "label")) -> Compose:
+    """Deterministic loading shared by training, validation and prediction (``keys``
+    ("image",): no label)."""
     return Compose(
         [
-            _nifti_loader(),
-            EnsureChannelFirstd(keys=["image", "label"]),
+            _nifti_loader(keys),
+            EnsureChannelFirstd(keys=list(keys)),
             EnsureTyped(keys=["image"], dtype=torch.float32, track_meta=False),
         ]
     )
@@ -144,6 +145,14 @@ def training_batches(
     )
     while True:
         yield from loader
+
+
+def load_image(paths: Sequence[str]) -> torch.Tensor:
+    """The network input (4, X, Y, Z) from canonical modality files, in MODALITIES order,
+    loaded exactly as validation loads a case."""
+    data = load_transforms(("image",))({"image": list(paths)})
+    image: torch.Tensor = data["image"]
+    return image
 
 
 def load_case(item: Mapping[str, Any]) -> tuple[torch.Tensor, np.ndarray, tuple[float, ...]]:
