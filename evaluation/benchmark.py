@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ("heterogeneity", "privacy", "deployment", "harmonise", "metrics")
+BENCHMARKS = ("heterogeneity", "privacy", "deployment", "harmonise", "metrics", "predict")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

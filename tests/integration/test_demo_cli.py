@@ -1,4 +1,5 @@
-"""Through the real CLI and a real Flower run: `fedseg demo` on a 2-site, 1-round federation."""
+"""Through the real CLI and a real Flower run: `fedseg demo` on a 2-site, 1-round federation,
+then `fedseg predict` with its model on the raw scans."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import nibabel as nib
+import numpy as np
+import pytest
+
+from evaluation.metrics import case_scores
+from evaluation.summary import summarise_cases
 from fedseg.simulation import FLOWER_ENV
 from tests.processes import flower_processes
 
@@ -61,3 +69,31 @@ def test_demo_two_sites_one_round_produces_per_site_metrics(tmp_path: Path) -> N
         assert (out / "sites" / site / "egress.jsonl").is_file()
     # Everything Flower started is gone.
     assert flower_processes() <= before
+    # The demo's model, through `fedseg predict` on the raw scans, scores each site's
+    # validation cases as federated validation did (the same harmonisation and network).
+    for site, record in final["sites"].items():
+        predicted = tmp_path / "predicted" / site
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedseg", "predict", "--model", str(out / "model.json"),
+             "--input", str(out / "raw" / site), "--out", str(predicted), "--batch",
+             "--keep-canonical", "--device", "cpu"],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        dice = _validation_dice(out / "sites" / site, predicted, manifests[site])
+        for region, value in record["dice"].items():
+            assert dice[region] == pytest.approx(value, abs=1e-3), (site, region)
+
+
+def _validation_dice(site_dir: Path, predicted: Path, manifest: dict[str, Any]) -> dict[str, float]:
+    """Mean Dice per region of the predictions on the site's canonical validation labels."""
+    per_case = {}
+    for case_id in manifest["split"]["validation"]:
+        reference = nib.load(site_dir / "cases" / case_id / "seg.nii.gz")
+        prediction = nib.load(predicted / case_id / "canonical" / "seg.nii.gz")
+        np.testing.assert_allclose(prediction.affine, reference.affine, atol=1e-5)
+        per_case[case_id] = case_scores(np.asarray(prediction.dataobj),
+                                        np.asarray(reference.dataobj),
+                                        spacing=reference.header.get_zooms()[:3])  # fmt: skip
+    summary = summarise_cases(per_case, metrics=("dice",), min_cases=1)
+    return {region: float(by["dice"]["mean"]) for region, by in summary.items()}

@@ -10,9 +10,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from data_adapters.harmonise import harmonisation_parameters
 from fedseg.config import RunConfig, SiteConfig
 from fedseg.egress import BLOCKED, content_digest, egress_guard, policy_for
-from fedseg.records import WEIGHTS, declined, pack_weights
+from fedseg.records import WEIGHTS, declined, identity_record, pack_weights
 from fedseg.task.model import build_model
 
 pytestmark = pytest.mark.privacy
@@ -168,3 +169,27 @@ def test_an_error_reply_from_inside_is_sent_in_general_terms(tmp_path: Path) -> 
 
     reply = egress_guard(_incoming(), _context(tmp_path), errs)
     assert reply.has_error() and "case-7" not in str(reply.error.reason)
+
+
+def _harmonisation(**change: object) -> str:
+    """The identity's harmonisation field as a site sends it, with ``change`` planted."""
+    good = identity_record("a", FINGERPRINT, harmonisation=harmonisation_parameters(
+        target_spacing=(3.0, 3.0, 3.0)))["harmonisation"]  # fmt: skip
+    return json.dumps({**json.loads(str(good)), **change}, sort_keys=True)
+
+
+def test_the_harmonisation_parameters_pass_and_nothing_rides_along(tmp_path: Path) -> None:
+    content = _good_train_reply()
+    content["site"] = _identity(harmonisation=_harmonisation())
+    assert declined(_through_guard(tmp_path / "ok", content)) is None
+    leaks = {
+        "extra": _harmonisation(patient="Doe^John"),
+        "text": _harmonisation(mask="Doe^John, born 1950-01-01"),
+        "version": _harmonisation(harmonise_version="/data/hospital-a/cases"),
+        "spacing": _harmonisation(target_spacing_mm=["1", "2", "3"]),
+    }
+    for name, value in leaks.items():
+        content["site"] = _identity(harmonisation=value)
+        reply = _through_guard(tmp_path / name, content)
+        assert declined(reply) == ("invalid-data", BLOCKED), name
+        assert "Doe" not in str(reply.content) and "/data/" not in str(reply.content)

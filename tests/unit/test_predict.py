@@ -205,3 +205,15 @@ def test_find_case_names_what_it_could_not_find(raw_sites: list[Path], tmp_path:
         find_case(raw_sites[0], case_id="nobody")
     with pytest.raises(DataError, match="no complete case of a known layout"):
         find_case(tmp_path)
+
+
+def test_the_model_records_the_harmonisation_only_when_every_site_shared_it() -> None:
+    from fedseg.strategies import MetricsBook, training_harmonisation
+
+    fine = harmonisation_parameters(target_spacing=(1.0, 1.0, 1.0))
+    coarse = harmonisation_parameters(target_spacing=(3.0, 3.0, 3.0))
+    book = MetricsBook()
+    book.round_record(1).train = {"a": {"harmonisation": fine}, "b": {"harmonisation": fine}}
+    assert training_harmonisation(book) == (fine, [])
+    book.round_record(2).train = {"b": {"harmonisation": coarse}}
+    assert training_harmonisation(book) == (None, ["a: [1.0, 1.0, 1.0]", "b: [3.0, 3.0, 3.0]"])
