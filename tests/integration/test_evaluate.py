@@ -22,6 +22,7 @@ from data_adapters.validate import check_site
 from evaluation.regions import REGION_NAMES
 from fedseg.artifacts import load_weights, save_weights, write_json
 from fedseg.config import RunConfig
+from fedseg.records import harmonisation_contract
 from fedseg.server_app import save_model
 from fedseg.simulation import (
     FLOWER_ENV,
@@ -65,7 +66,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     train_local(model, batches, settings=TrainSettings(steps=40, learning_rate=3e-3))
     path = root / "model" / "model.pt"
     run = RunConfig(num_server_rounds=1, local_steps=4, learning_rate=3e-3)
-    save_model(path, model.state_dict(), run=run, trained_on="hospital-a")
+    parameters = check_site(root / "sites" / "hospital-a").parameters
+    save_model(path, model.state_dict(), run=run, trained_on="hospital-a", provenance={},
+               harmonisation=harmonisation_contract(parameters))  # fmt: skip
     return root / "sites", path
 
 

@@ -203,8 +203,10 @@ def test_find_case_names_what_it_could_not_find(raw_sites: list[Path], tmp_path:
         find_case(raw_sites[0])
     with pytest.raises(DataError, match="has no case 'nobody' \\(cases: "):
         find_case(raw_sites[0], case_id="nobody")
+    empty = tmp_path / "site" / "empty"
+    empty.mkdir(parents=True)
     with pytest.raises(DataError, match="no complete case of a known layout"):
-        find_case(tmp_path)
+        find_case(empty)
 
 
 def test_the_model_records_the_harmonisation_only_when_every_site_shared_it() -> None:
