@@ -262,6 +262,16 @@ class DicomStudyLayout:
                 scan.bad.append(SkippedCase.from_error(case_dir.name, err))
         return scan
 
+    def single_case(self, case_dir: Path) -> RawCase | None:
+        """``case_dir`` as one patient's case (with the site's rules file beside it, if
+        any), or None when it holds no DICOM; a DataError names what a DICOM folder lacks.
+        Reads that one folder, not the whole site."""
+        if not case_dir.is_dir() or not _holds_dicom(case_dir):
+            return None
+        rules_file = case_dir.parent / RULES_FILE
+        rules = load_rules(rules_file) if rules_file.is_file() else self.rules
+        return self.case(case_dir.parent, case_dir, rules=rules)
+
     def case(
         self, raw_dir: Path, case_dir: Path, *, rules: tuple[SeriesRule, ...] | None = None
     ) -> RawCase:

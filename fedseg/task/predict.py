@@ -28,6 +28,7 @@ from data_adapters.harmonise import HARMONISE_VERSION, HarmonisedCase, harmonise
 from data_adapters.inverse import to_original_grid
 from data_adapters.labels import CANONICAL_LABELS, get_scheme
 from data_adapters.layouts import MODALITIES, RawCase, detect_layout, scan_cases
+from data_adapters.layouts_dicom import DICOM_STUDY
 from data_adapters.writers import write_nifti
 from evaluation.regions import REGIONS, regions_to_labels
 from fedseg.artifacts import write_json
@@ -80,9 +81,10 @@ def output_values(scheme: str) -> dict[int, int]:
 
 
 def find_case(path: Path, *, case_id: str | None = None, layout: str | None = None) -> RawCase:
-    """The one case at ``path``: a case folder (its parent is the site folder a layout
-    reads), a site folder holding one case, or, with ``case_id``, the site folder holding
-    that case (how MSD and nnU-Net store cases, as files in shared folders).
+    """The one case at ``path``: a patient's DICOM study folder, a case folder (its parent
+    is the site folder a layout reads), a site folder holding one case, or, with ``case_id``,
+    the site folder holding that case (how MSD and nnU-Net store cases, as files in shared
+    folders).
 
     Raises
     ------
@@ -100,14 +102,18 @@ def find_case(path: Path, *, case_id: str | None = None, layout: str | None = No
             raise DataError(path, f"has no case '{case_id}' (cases: {known})")
         return chosen[0]
     here = _cases_in(path, layout)
-    if len(here) == 1:
-        return here[0]
-    inside = [c for c in _cases_in(path.parent, layout) if _under(c, path)]
-    if len(inside) == 1:
-        return inside[0]
     if len(here) > 1:
         raise DataError(path, f"holds {len(here)} cases: pick one with --case ID, or predict "
                               "them all with --batch")  # fmt: skip
+    if here:
+        return here[0]
+    if layout in (None, DICOM_STUDY.name):
+        patient = DICOM_STUDY.single_case(path)  # a patient's study: read only that folder
+        if patient is not None:
+            return patient
+    inside = [c for c in _cases_in(path.parent, layout) if _under(c, path)]
+    if len(inside) == 1:
+        return inside[0]
     raise DataError(path, "no complete case of a known layout found here (name --layout?)")
 
 

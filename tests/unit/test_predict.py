@@ -219,3 +219,15 @@ def test_the_model_records_the_harmonisation_only_when_every_site_shared_it() ->
     assert training_harmonisation(book) == (fine, [])
     book.round_record(2).train = {"b": {"harmonisation": coarse}}
     assert training_harmonisation(book) == (None, ["a: [1.0, 1.0, 1.0]", "b: [3.0, 3.0, 3.0]"])
+
+
+def test_a_dicom_patient_folder_lacking_a_series_is_named(
+    raw_sites: list[Path], tmp_path: Path
+) -> None:
+    patient = tmp_path / "site" / "SYNTH-07"
+    shutil.copytree(sorted(p for p in raw_sites[1].iterdir() if p.is_dir())[0], patient)
+    assert find_case(patient).case_id == "SYNTH-07"
+    flair = next(p for p in patient.iterdir() if "flair" in p.name)
+    shutil.rmtree(flair)
+    with pytest.raises(DataError, match=r"SYNTH-07: no t2f series"):
+        find_case(patient)
