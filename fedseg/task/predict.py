@@ -200,17 +200,11 @@ def _infer(
         for name, path in zip(MODALITIES, paths, strict=True):
             write_nifti(case.images[name], path, dtype=np.float32)
         image = load_image([str(p) for p in paths])
+    # The image stays on the CPU: windows go to the model's device, batch by batch (infer.py).
     probabilities = predict_probabilities(
-        model, image.to(_device_of(model)), roi_size=artifact.roi_size,
-        overlap=artifact.overlap, mirror=options.mirror,
-    )  # fmt: skip
+        model, image, roi_size=artifact.roi_size, overlap=artifact.overlap, mirror=options.mirror
+    )
     return regions_to_labels((probabilities > artifact.threshold).cpu().numpy())
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    # The stitched whole-volume output stays on the CPU either way (see infer.py); on a GPU
-    # the input goes there once rather than window by window.
-    return next(model.parameters()).device
 
 
 def _relabel(labels: sitk.Image, values: dict[int, int]) -> sitk.Image:
