@@ -13,6 +13,10 @@ from fedseg.simulation import FLOWER_ENV
 from tests.processes import flower_processes
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_training_leaves_no_flower_process(tmp_path: Path) -> None:
     # Prepare
     before = flower_processes()
@@ -23,6 +27,9 @@ def test_ctrl_c_during_training_leaves_no_flower_process(tmp_path: Path) -> None
         env={**os.environ, **FLOWER_ENV},
         stdout=subprocess.DEVNULL,
         stderr=log,
+        # As in a terminal: a test runner started in the background (``cmd &``) passes SIGINT
+        # on as ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=_default_sigint,
     )
     # The ServerApp's first audit record: the study is under way inside Flower. (Waiting for
     # a line on a pipe instead hung on the pipe, or missed a line Flower had not streamed.)

@@ -158,6 +158,31 @@ def test_fedbn_site_state_and_the_cyclic_roll_call_on_the_deployment_engine(
 
 
 @pytest.mark.deployment
+def test_secure_aggregation_through_real_supernodes(sites: dict[str, Path], tmp_path: Path) -> None:
+    """SecAgg+ keeps its keys in Flower's per-run site state across the protocol's four
+    messages: on real SuperNodes (a process per message) every site must still train and be
+    unmasked, and each guard must log four training replies a round."""
+    run_dir = tmp_path / "secure"
+    with loopback_federation(tmp_path / "fed", tls=False) as federation:
+        _start_sites(federation, sites)
+        config = _study_config(tmp_path / "secure.toml", rounds=1, min_sites=3,
+                               **{"secure-aggregation": True})  # fmt: skip
+        out = _finish(_study(federation, "--config", str(config), "--run-dir", str(run_dir)))
+        work = federation.work
+    assert "done" in out, out[-3000:]
+    [record] = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert set(record["train"]) == set(SITES) and record["failures"] == []
+    assert not record.get("not_aggregated")
+    for name in sites:
+        path = work / "sites" / name / ".fedseg-client" / "logs" / "egress.jsonl"
+        log = [json.loads(x) for x in path.read_text().splitlines()]
+        train = [
+            e for e in log if e["message_type"] == "train" and e["run_id"] == log[-1]["run_id"]
+        ]
+        assert len(train) == 4 and all(e["verdict"] == "sent" for e in train), name
+
+
+@pytest.mark.deployment
 def test_unregistered_supernode_and_wrong_ca_are_refused(
     sites: dict[str, Path], tmp_path: Path
 ) -> None:
