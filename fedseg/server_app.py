@@ -167,7 +167,7 @@ def _run_mode(
             grid, run=run, start=pack_weights(start),
             global_model=pack_weights(travelling(model, run)), book=book,
         )  # fmt: skip
-        files = save_local_models(run_dir, run, cross.local_models)
+        files = save_local_models(run_dir, run, cross.local_models, book=book)
         payload = writer.payload()
         payload["final"] = cross.evaluation.to_json()
         payload["cross_site"] = cross.matrix()
@@ -300,14 +300,17 @@ def _file(path: Path, run_dir: Path) -> dict[str, str]:
 
 
 def save_local_models(
-    run_dir: Path, run: RunConfig, models: dict[str, ArrayRecord]
+    run_dir: Path, run: RunConfig, models: dict[str, ArrayRecord], *, book: MetricsBook
 ) -> list[dict[str, str]]:
-    """Each site's own model from cross-site validation, as ``local-models/<site>.pt``."""
+    """Each site's own model from cross-site validation, as ``local-models/<site>.pt``, with
+    the harmonisation that site reported while training it."""
     files = []
     for site, arrays in models.items():
         path = run_dir / "local-models" / f"{site}.pt"
-        # Trained at one site in cross-site validation; its harmonisation was not reported.
-        save_model(path, state_dict(arrays, run), run=run, trained_on=site, harmonisation=None,
+        reported = [r.train[site]["harmonisation"] for _, r in sorted(book.rounds.items())
+                    if "harmonisation" in r.train.get(site, {})]  # fmt: skip
+        save_model(path, state_dict(arrays, run), run=run, trained_on=site,
+                   harmonisation=reported[-1] if reported else None,
                    provenance={"fedseg_version": __version__})  # fmt: skip
         files.append(_file(path, run_dir))
     return files

@@ -33,6 +33,7 @@ from fedseg.simulation import (
     stop_process_tree,
 )
 from fedseg.synth import generate_federation
+from fedseg.task.artifact import load_artifact
 from fedseg.task.data import training_batches
 from fedseg.task.model import build_model
 from fedseg.task.train import TrainSettings, train_local
@@ -160,6 +161,11 @@ def test_cross_site_matrix_rows_are_models_columns_are_sites(
     assert (description["trained_on"], description["rounds"], description["local_steps"]) == (
         "hospital-a", 1, 4,
     )  # fmt: skip
+    # ... and usable with `fedseg predict`: it records the harmonisation its site trained on.
+    artifact = load_artifact(local_a)
+    assert artifact.harmonisation == harmonisation_contract(
+        check_site(sites / "hospital-a").parameters
+    )
     # Each cell is what that site computes locally for that model.
     at_c, _ = _local_summary(local_a, sites / "hospital-c")
     _assert_same_summary(cross["entries"]["hospital-a"]["hospital-c"]["summary"], at_c)
