@@ -29,13 +29,12 @@ import SimpleITK as sitk
 import torch
 
 from data_adapters.harmonise import harmonisation_parameters
-from data_adapters.layouts import MODALITIES
 from data_adapters.writers import write_nifti
 from fedseg.config import RunConfig
 from fedseg.synth import generate_federation
 from fedseg.task.artifact import load_artifact
 from fedseg.task.device import resolve_device
-from fedseg.task.predict import PredictOptions, find_case, harmonise_for, predict_case
+from fedseg.task.predict import PredictOptions, find_case, predict_case
 
 BRATS_SHAPE = (240, 240, 155)
 PATCH = {"brats": 128, "tiny": 48}
@@ -76,7 +75,7 @@ def run(out: Path, *, preset: str, repeats: int, device: str) -> dict[str, Any]:
                harmonisation=harmonisation_parameters(target_spacing=(1.0, 1.0, 1.0)))  # fmt: skip
     artifact = load_artifact(model_path)
     network = artifact.network(resolve_device(device))
-    grid = harmonise_for(artifact, case).images[MODALITIES[0]].GetSize()
+    grid: tuple[int, ...] = ()
     times: dict[str, list[dict[str, float]]] = {"predict": [], "predict_mirror": []}
     for i in range(repeats):
         for name, mirror in (("predict", False), ("predict_mirror", True)):
@@ -84,6 +83,7 @@ def run(out: Path, *, preset: str, repeats: int, device: str) -> dict[str, Any]:
             result = predict_case(artifact, network, case, out / "pred" / f"{name}-{i}",
                                   options=options)  # fmt: skip
             times[name].append({**result.seconds, "total": sum(result.seconds.values())})
+            grid = result.canonical.shape
             print(name, {k: round(v, 2) for k, v in times[name][-1].items()}, flush=True)
     medians = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
                for name, rows in times.items()}  # fmt: skip

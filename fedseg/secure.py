@@ -220,8 +220,8 @@ def secure_round(
         max_weight=settings.max_weight,
         timeout=timeout_s,
     )
-    if len(train) >= 2:  # the protocol needs two sites to hide one
-        workflow(relay, context)  # type: ignore[arg-type]
+    # It halts by itself with fewer than two sites (one cannot hide behind nobody).
+    workflow(relay, context)  # type: ignore[arg-type]
     if legacy.mean is None:
         return SecureRound(mean=None, replies=relay.replies)
     (mean,) = compat.parameters_to_arrayrecord(legacy.mean, keep_input=True).values()
@@ -297,9 +297,10 @@ def _train_from_fitins(msg: Message, context: Context, *, call_next: ClientAppCa
     assert isinstance(trained, ArrayRecord) and isinstance(metrics, MetricRecord)
     values = trained[WEIGHTS].numpy()
     limit = RunConfig.from_flower(context.run_config).secagg_clipping_range
-    if np.abs(values).max() > limit:
+    largest = float(np.abs(values).max())
+    if largest > limit:
         # Quantisation would clip it silently and the mean would be wrong.
-        raise ValueError(f"a weight of magnitude {np.abs(values).max():.3g} is outside "
+        raise ValueError(f"a weight of magnitude {largest:.3g} is outside "
                          f"secagg-clipping-range {limit:g}")  # fmt: skip
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),

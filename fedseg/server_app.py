@@ -305,12 +305,11 @@ def save_local_models(
     """Each site's own model from cross-site validation, as ``local-models/<site>.pt``, with
     the harmonisation that site reported while training it."""
     files = []
+    reported = book.harmonisation_by_site()
     for site, arrays in models.items():
         path = run_dir / "local-models" / f"{site}.pt"
-        reported = [r.train[site]["harmonisation"] for _, r in sorted(book.rounds.items())
-                    if "harmonisation" in r.train.get(site, {})]  # fmt: skip
         save_model(path, state_dict(arrays, run), run=run, trained_on=site,
-                   harmonisation=reported[-1] if reported else None,
+                   harmonisation=reported.get(site),
                    provenance={"fedseg_version": __version__})  # fmt: skip
         files.append(_file(path, run_dir))
     return files

@@ -178,6 +178,11 @@ class MetricsBook:
             trained[msg.metadata.src_node_id] = arrays
         return trained
 
+    def harmonisation_by_site(self) -> dict[str, dict[str, Any]]:
+        """The harmonisation each site last reported with a training reply."""
+        return {site: entry["harmonisation"] for _, record in sorted(self.rounds.items())
+                for site, entry in record.train.items() if "harmonisation" in entry}  # fmt: skip
+
     def screen_outliers(
         self, server_round: int, trained: dict[int, ArrayRecord], *, reference: ArrayRecord,
         max_ratio: float,
@@ -292,8 +297,7 @@ def clipped_flags(replies: list[Message]) -> dict[int, bool]:
 def training_harmonisation(book: MetricsBook) -> tuple[dict[str, Any] | None, list[str]]:
     """The harmonisation every site that trained used, or None and the sites' differences
     (a model trained on two spacings has no one way to prepare a new scan)."""
-    by_site = {site: entry["harmonisation"] for record in book.rounds.values()
-               for site, entry in record.train.items() if "harmonisation" in entry}  # fmt: skip
+    by_site = book.harmonisation_by_site()
     distinct = {json.dumps(h, sort_keys=True) for h in by_site.values()}
     if len(distinct) == 1:
         return json.loads(distinct.pop()), []

@@ -30,11 +30,11 @@ from data_adapters.labels import CANONICAL_LABELS, get_scheme
 from data_adapters.layouts import MODALITIES, RawCase, detect_layout, scan_cases
 from data_adapters.layouts_dicom import DICOM_STUDY
 from data_adapters.writers import write_nifti
-from evaluation.regions import REGIONS, regions_to_labels
+from evaluation.regions import REGIONS
 from fedseg.artifacts import write_json
 from fedseg.task.artifact import ArtifactError, ModelArtifact
 from fedseg.task.data import load_image
-from fedseg.task.infer import predict_probabilities
+from fedseg.task.infer import predict_labels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,10 +201,8 @@ def _infer(
             write_nifti(case.images[name], path, dtype=np.float32)
         image = load_image([str(p) for p in paths])
     # The image stays on the CPU: windows go to the model's device, batch by batch (infer.py).
-    probabilities = predict_probabilities(
-        model, image, roi_size=artifact.roi_size, overlap=artifact.overlap, mirror=options.mirror
-    )
-    return regions_to_labels((probabilities > artifact.threshold).cpu().numpy())
+    return predict_labels(model, image, roi_size=artifact.roi_size, threshold=artifact.threshold,
+                          overlap=artifact.overlap, mirror=options.mirror)  # fmt: skip
 
 
 def _relabel(labels: sitk.Image, values: dict[int, int]) -> sitk.Image:

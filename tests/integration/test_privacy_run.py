@@ -5,17 +5,12 @@ what the server recorded receiving."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from data_adapters.site import harmonise_site
 from fedseg.config import RunConfig
-from fedseg.simulation import FLOWER_ENV, SimulationSpec, app_dir, run_simulation
-from fedseg.synth import generate_federation
+from tests.integration.simulated_study import harmonised_sites, simulate_and_verify
 from tests.processes import flower_processes
 
 # About a minute: a real Flower run; the same accounting is unit-tested in test_privacy.py.
@@ -24,9 +19,7 @@ pytestmark = [pytest.mark.privacy, pytest.mark.slow]
 
 def test_dp_study_accounts_epsilon_and_both_sides_log_the_same_bytes(tmp_path: Path) -> None:
     # Prepare
-    sites = tmp_path / "sites"
-    for raw in generate_federation(tmp_path / "raw", n_sites=2, cases_per_site=(4, 3), seed=5):
-        harmonise_site(raw, sites / raw.name, target_spacing=(3.0, 3.0, 3.0), qc=False)
+    sites = harmonised_sites(tmp_path, cases_per_site=(4, 3), seed=5)
     run_dir = tmp_path / "run"
     run = RunConfig(
         num_server_rounds=2,
@@ -43,17 +36,7 @@ def test_dp_study_accounts_epsilon_and_both_sides_log_the_same_bytes(tmp_path: P
     )
     before = flower_processes()
     # Execute
-    run_simulation(
-        SimulationSpec(app_dir=app_dir(), run=run, num_supernodes=2, work_dir=tmp_path / "flower"),
-        on_line=lambda _: None,
-    )
-    verified = subprocess.run(
-        [sys.executable, "-m", "fedseg", "audit", "verify", str(run_dir)],
-        env={**os.environ, **FLOWER_ENV},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    verified = simulate_and_verify(run, num_supernodes=2, work_dir=tmp_path / "flower")
     # Assert: epsilon grows with each release and is in the audit trail too.
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     epsilons = [r["privacy"]["epsilon"] for r in rounds]

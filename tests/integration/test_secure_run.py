@@ -5,17 +5,12 @@ server records each site's training summary and a verifiable audit trail."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from data_adapters.site import harmonise_site
 from fedseg.config import RunConfig
-from fedseg.simulation import FLOWER_ENV, SimulationSpec, app_dir, run_simulation
-from fedseg.synth import generate_federation
+from tests.integration.simulated_study import harmonised_sites, simulate_and_verify
 from tests.processes import flower_processes
 
 # About a minute: a real Flower run; the protocol itself is unit-tested in test_secure.py.
@@ -24,10 +19,7 @@ pytestmark = [pytest.mark.privacy, pytest.mark.slow]
 
 def test_a_secure_study_trains_every_site_and_sends_only_masked_vectors(tmp_path: Path) -> None:
     # Prepare
-    sites = tmp_path / "sites"
-    raws = generate_federation(tmp_path / "raw", n_sites=3, cases_per_site=(4, 3, 3), seed=6)
-    for raw in raws:
-        harmonise_site(raw, sites / raw.name, target_spacing=(3.0, 3.0, 3.0), qc=False)
+    sites = harmonised_sites(tmp_path, cases_per_site=(4, 3, 3), seed=6)
     run_dir = tmp_path / "run"
     run = RunConfig(
         num_server_rounds=2,
@@ -40,20 +32,11 @@ def test_a_secure_study_trains_every_site_and_sends_only_masked_vectors(tmp_path
     )
     before = flower_processes()
     # Execute
-    run_simulation(
-        SimulationSpec(app_dir=app_dir(), run=run, num_supernodes=3, work_dir=tmp_path / "flower"),
-        on_line=lambda _: None,
-    )
-    verified = subprocess.run(
-        [sys.executable, "-m", "fedseg", "audit", "verify", str(run_dir)],
-        env={**os.environ, **FLOWER_ENV},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    verified = simulate_and_verify(run, num_supernodes=3, work_dir=tmp_path / "flower")
     # Assert: both rounds aggregated all three sites, weighted by their cases.
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    names = {raw.name for raw in raws}
+    names = {p.name for p in sites.iterdir() if p.is_dir()}
+    assert len(names) == 3
     for record in metrics["rounds"]:
         assert set(record["train"]) == names and not record.get("not_aggregated")
         assert not record["failures"]
